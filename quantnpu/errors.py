@@ -1,0 +1,34 @@
+"""User-facing errors: each one is printed as a single line by the command-line tools."""
+
+
+class QuantNpuError(Exception):
+    """Base class of every error quantnpu reports to a user (no traceback needed)."""
+
+
+class GraphStructureError(QuantNpuError):
+    """The graph does not have the structure a pass needs; the message names the node."""
+
+    def __init__(self, message: str, node_name: str | None = None) -> None:
+        self.node_name = node_name
+        super().__init__(f"node %{node_name}: {message}" if node_name else message)
+
+
+class PassFailedError(QuantNpuError):
+    """A pass raised, or its pre/postcondition did not hold; names the pass and the node."""
+
+    def __init__(self, pass_name: str, cause: BaseException) -> None:
+        self.pass_name = pass_name
+        self.cause = cause
+        super().__init__(f"pass {pass_name} failed: {cause}")
+
+
+class InputFileError(QuantNpuError):
+    """A file given by the user is missing, of the wrong kind, or damaged."""
+
+
+class QnnSetupError(QuantNpuError):
+    """The QNN libraries are missing or cannot be prepared."""
+
+
+class DelegationError(QuantNpuError):
+    """Compute was left outside the QNN delegates of a lowered program."""
