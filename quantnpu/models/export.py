@@ -1,0 +1,81 @@
+"""Export a causal LM's prefill (input_ids -> logits, static length) and `.pt2` I/O."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import torch
+
+from quantnpu.errors import InputFileError
+from quantnpu.fileio import atomic_path
+
+
+class CausalLMPrefill(torch.nn.Module):
+    """`input_ids [batch, seq] -> logits [batch, seq, vocab]` with no KV cache."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+
+def export_causal_lm(model: torch.nn.Module, seq_len: int, batch: int = 1) -> torch.export.ExportedProgram:
+    """`torch.export` the prefill graph of a Hugging Face causal LM for a static shape."""
+    example = torch.zeros(batch, seq_len, dtype=torch.int64)
+    with torch.no_grad():
+        return torch.export.export(CausalLMPrefill(model.eval()), (example,))
+
+
+def save_pt2(program: torch.export.ExportedProgram, path: str | Path) -> Path:
+    """Write the program atomically (nothing half-written on failure or interrupt)."""
+    path = Path(path)
+    with atomic_path(path, suffix=".pt2") as tmp:
+        torch.export.save(program, tmp)
+    return path
+
+
+def load_pt2(path: str | Path) -> torch.export.ExportedProgram:
+    """Load a `.pt2` with one-line errors for a missing, foreign, truncated or corrupt file."""
+    path = Path(path)
+    if not path.exists():
+        raise InputFileError(f"{path}: no such file")
+    if not path.is_file():
+        raise InputFileError(f"{path}: not a file")
+    if not zipfile.is_zipfile(path):
+        raise InputFileError(f"{path}: not a .pt2 archive (torch.export.save writes a zip file)")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        raise InputFileError(f"{path}: truncated or corrupt .pt2 ({error})") from None
+    if damaged is not None:
+        raise InputFileError(f"{path}: corrupt .pt2 (member {damaged} fails its checksum)")
+    try:
+        return torch.export.load(path)
+    except Exception as error:  # torch raises many kinds for a damaged or foreign archive
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputFileError(f"{path}: cannot load as a torch.export program ({first_line})") from None
+
+
+def token_input_spec(program: torch.export.ExportedProgram, path: str | Path = "<program>") -> tuple[int, int]:
+    """`(batch, seq_len)` of a decoder program's single input_ids input, or a clear error."""
+    user_inputs = [
+        spec for spec in program.graph_signature.input_specs
+        if spec.kind == torch.export.graph_signature.InputKind.USER_INPUT
+    ]
+    placeholders = {node.name: node for node in program.graph.nodes if node.op == "placeholder"}
+    if len(user_inputs) != 1:
+        raise InputFileError(
+            f"{path}: a decoder LM program takes one input (input_ids), this one takes {len(user_inputs)}"
+        )
+    value = placeholders[user_inputs[0].arg.name].meta.get("val")
+    if value is None or value.dtype not in (torch.int64, torch.int32) or value.dim() != 2:
+        raise InputFileError(
+            f"{path}: input {user_inputs[0].arg.name} must be integer token ids [batch, seq], "
+            f"got {None if value is None else (value.dtype, tuple(value.shape))}"
+        )
+    batch, seq_len = value.shape
+    return int(batch), int(seq_len)

@@ -1,0 +1,68 @@
+"""Tiny random-weight decoders for unit tests, shaped like the real targets.
+
+`tiny_llama`: grouped-query attention and tied embeddings, like SmolLM2.
+`tiny_qwen2`: q/k/v biases, untied embeddings, like Qwen2.
+RMSNorm weights are randomized (not all ones) so that passes touching them are observable.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _randomize_norms(model: torch.nn.Module, generator: torch.Generator) -> None:
+    for name, parameter in model.named_parameters():
+        if "norm" in name:
+            with torch.no_grad():
+                parameter.copy_(1.0 + 0.2 * torch.randn(parameter.shape, generator=generator))
+
+
+def tiny_llama(
+    layers: int = 2,
+    hidden: int = 64,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 128,
+    vocab: int = 128,
+    tied: bool = True,
+    seed: int = 0,
+):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        head_dim=hidden // heads, max_position_embeddings=512, tie_word_embeddings=tied,
+        attn_implementation="sdpa",
+    )
+    model = LlamaForCausalLM(config).eval()
+    _randomize_norms(model, torch.Generator().manual_seed(seed))
+    return model
+
+
+def tiny_qwen2(
+    layers: int = 2,
+    hidden: int = 64,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 128,
+    vocab: int = 128,
+    seed: int = 0,
+):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        max_position_embeddings=512, tie_word_embeddings=False, attn_implementation="sdpa",
+    )
+    model = Qwen2ForCausalLM(config).eval()
+    generator = torch.Generator().manual_seed(seed)
+    _randomize_norms(model, generator)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias"):
+                parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
+    return model
