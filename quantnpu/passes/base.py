@@ -1,0 +1,146 @@
+"""The pass contract and the pass manager.
+
+A pass is a `torch.fx` `PassBase`: `call(gm) -> PassResult`, `requires(gm)` and `ensures(gm)`
+raise when a pre- or postcondition fails. It reads and writes only the graph module (nodes,
+`node.meta`, parameters and buffers). Ordering constraints between pass classes are declared on
+the later pass (`run_after`) and checked with torch's `this_before_that_pass_constraint`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch.fx
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+from torch.fx.passes.infra.pass_manager import this_before_that_pass_constraint
+from tqdm import tqdm
+
+from quantnpu.errors import GraphStructureError, PassFailedError, QuantNpuError
+
+__all__ = ["GraphPass", "PassManager", "PassRecord", "PassResult"]
+
+
+class GraphPass(PassBase):
+    """Base of every quantnpu pass. Subclasses implement `call`, optionally `requires` and
+    `ensures`, and list in `run_after` the pass classes that must run earlier when present."""
+
+    run_after: tuple[type[GraphPass], ...] = ()
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class PassRecord:
+    name: str
+    seconds: float
+    modified: bool
+    nodes_before: int
+    nodes_after: int
+    summary: str
+
+
+def _op_counts(gm: torch.fx.GraphModule) -> Counter:
+    counts: Counter = Counter()
+    for node in gm.graph.nodes:
+        key = node.op if node.op != "call_function" else getattr(node.target, "__name__", str(node.target))
+        counts[key] += 1
+    return counts
+
+
+def _summarize(before: Counter, after: Counter) -> str:
+    changes = []
+    for key in sorted(set(before) | set(after)):
+        delta = after[key] - before[key]
+        if delta:
+            changes.append(f"{delta:+d} {key}")
+    return ", ".join(changes) if changes else "no node added or removed"
+
+
+class PassManager:
+    """Run passes in order on a GraphModule.
+
+    After every pass: `gm.graph.lint()`, `gm.recompile()`, and the pass's `ensures`. Each pass
+    gets a `PassRecord` (time, node counts, a one-line summary of the op-count change).
+    `stop_after` names a pass after which the run stops, so the intermediate graph can be seen.
+    Any failure is re-raised as `PassFailedError` naming the pass (and the node, when known).
+    """
+
+    def __init__(
+        self,
+        passes: Sequence[GraphPass],
+        stop_after: str | None = None,
+        progress: bool = False,
+    ) -> None:
+        self.passes = list(passes)
+        names = [p.name for p in self.passes]
+        if stop_after is not None and stop_after not in names:
+            raise QuantNpuError(f"stop_after={stop_after!r} names no pass in the pipeline {names}")
+        self.stop_after = stop_after
+        self.progress = progress
+        self.records: list[PassRecord] = []
+        self._check_order()
+
+    def _check_order(self) -> None:
+        pass_types = [type(p) for p in self.passes]
+        for later in self.passes:
+            for earlier in later.run_after:
+                constraint = this_before_that_pass_constraint(earlier, type(later))
+                for i, a in enumerate(pass_types):
+                    for b in pass_types[i + 1:]:
+                        if not constraint(a, b):
+                            raise QuantNpuError(
+                                f"pass order: {earlier.__name__} must run before {type(later).__name__}"
+                            )
+
+    def run(self, gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        self.records = []
+        bar = tqdm(self.passes, desc="passes", disable=not self.progress, unit="pass")
+        for graph_pass in bar:
+            bar.set_postfix_str(graph_pass.name)
+            before = _op_counts(gm)
+            start = time.perf_counter()
+            try:
+                result = graph_pass(gm)
+                if isinstance(result, PassResult):
+                    gm = result.graph_module
+                    modified = result.modified
+                else:
+                    modified = True
+                gm.graph.lint()
+                gm.recompile()
+            except PassFailedError:
+                raise
+            except (QuantNpuError, AssertionError, RuntimeError, ValueError, KeyError, TypeError) as error:
+                raise PassFailedError(graph_pass.name, error) from error
+            after = _op_counts(gm)
+            self.records.append(PassRecord(
+                name=graph_pass.name,
+                seconds=time.perf_counter() - start,
+                modified=modified,
+                nodes_before=sum(before.values()),
+                nodes_after=sum(after.values()),
+                summary=_summarize(before, after),
+            ))
+            if graph_pass.name == self.stop_after:
+                break
+        return gm
+
+    def report(self) -> str:
+        return "\n".join(
+            f"{r.name:<28} {r.seconds * 1000:8.1f} ms  {r.nodes_before:>5} -> {r.nodes_after:<5} nodes  {r.summary}"
+            for r in self.records
+        )
+
+
+def require(condition: bool, message: str, node: torch.fx.Node | None = None) -> None:
+    """Raise a GraphStructureError naming `node` unless `condition` holds."""
+    if not condition:
+        raise GraphStructureError(message, node.name if node is not None else None)
