@@ -33,9 +33,8 @@ def _type_of(node: torch.fx.Node) -> str:
 def _target_name(node: torch.fx.Node) -> str:
     target = node.target
     if isinstance(target, torch._ops.OpOverload):
-        namespace, name = target.name().split("::")
-        overload = target._overloadname
-        return f"{namespace}.{name}" + ("" if overload == "default" else f".{overload}")
+        name = target.name().replace("::", ".")  # e.g. aten.mul.Tensor; `.default` is implied
+        return name.removesuffix(".default")
     if isinstance(target, torch._ops.HigherOrderOperator):
         return f"higher_order.{target.__name__}"
     return getattr(target, "__name__", str(target))
