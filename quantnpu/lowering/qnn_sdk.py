@@ -1,0 +1,171 @@
+"""The QNN x86 libraries from the `onnxruntime-qnn` wheel, laid out as a QNN SDK.
+
+ExecuTorch's QNN code looks for `$QNN_SDK_ROOT/lib/x86_64-linux-clang/` and dlopens
+`libQnnHtp.so` / `libQnnSystem.so` by name. This module:
+
+1. finds the libraries in the installed wheel (libQnnHtp, libHtpPrepare — QNN SDKs call it
+   libQnnHtpPrepare, so both names are provided —, libQnnSystem, the bundled libc++/libunwind);
+2. hard-links them (copies across file systems) into `<cache>/qnn/<version>/lib/x86_64-linux-clang/`;
+3. reads the library's QNN version and, from 2.47 on, builds the ABI bridge
+   (`qnn_htp_bridge.c`, see its header) with the machine's C compiler as the `libQnnHtp.so`
+   of the layout, the real library staying beside it as `libQnnHtpReal.so`;
+4. `activate()` sets QNN_SDK_ROOT (which also stops ExecuTorch from downloading an SDK) and
+   loads the layout's libraries into the process, so ExecuTorch's later `dlopen("libQnnHtp.so")`
+   finds them by soname. It must run after torch is imported: loading QNN's libc++ first
+   breaks torch's own C++ runtime.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from quantnpu.errors import QnnSetupError
+from quantnpu.paths import cache_dir
+
+LIB_SUBDIR = Path("lib") / "x86_64-linux-clang"
+BRIDGE_SOURCE = Path(__file__).with_name("qnn_htp_bridge.c")
+# QNN 2.47 moved the union of QnnHtpDevice_CustomConfig_t from offset 4 to 8.
+BRIDGE_NEEDED_FROM = (2, 47)
+_VERSION_PATTERN = re.compile(rb"v(\d+)\.(\d+)\.(\d+)\.\d{6,}")
+_WHEEL_LIBS = ("libQnnHtp.so", "libHtpPrepare.so", "libQnnSystem.so")
+
+
+@dataclass(frozen=True)
+class QnnSdk:
+    root: Path
+    version: tuple[int, int, int]
+    bridged: bool
+
+    @property
+    def lib_dir(self) -> Path:
+        return self.root / LIB_SUBDIR
+
+    @property
+    def real_htp(self) -> Path:
+        return self.lib_dir / ("libQnnHtpReal.so" if self.bridged else "libQnnHtp.so")
+
+    @property
+    def version_text(self) -> str:
+        return ".".join(map(str, self.version))
+
+
+def wheel_library_dir() -> Path:
+    """The directory of the installed onnxruntime-qnn wheel's QNN libraries (not imported)."""
+    spec = importlib.util.find_spec("onnxruntime_qnn")
+    if spec is None or not spec.submodule_search_locations:
+        raise QnnSetupError("QNN libraries missing: the onnxruntime-qnn wheel is not installed (run scripts/setup.sh)")
+    directory = Path(list(spec.submodule_search_locations)[0])
+    missing = [name for name in _WHEEL_LIBS if not (directory / name).is_file()]
+    if missing:
+        raise QnnSetupError(f"QNN libraries missing: {', '.join(missing)} not in {directory}")
+    return directory
+
+
+def library_version(path: Path) -> tuple[int, int, int]:
+    """QNN release of a QNN library, from the build id it embeds (e.g. v2.51.0.260929181845)."""
+    with open(path, "rb") as handle:
+        data = handle.read()
+    match = _VERSION_PATTERN.search(data)
+    if match is None:
+        raise QnnSetupError(f"{path}: no QNN build id found; not a QNN library?")
+    return tuple(int(g) for g in match.groups())  # type: ignore[return-value]
+
+
+def bridge_needed(version: tuple[int, int, int]) -> bool:
+    return version[:2] >= BRIDGE_NEEDED_FROM
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def build_bridge(output: Path) -> Path:
+    """Compile the bridge with the machine's C compiler (gcc or cc) to `output`."""
+    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        raise QnnSetupError("a C compiler (gcc) is needed to build the QNN ABI bridge")
+    command = [compiler, "-O2", "-shared", "-fPIC", "-fvisibility=hidden", "-Wall",
+               "-Wl,-soname,libQnnHtp.so", "-o", str(output), str(BRIDGE_SOURCE), "-ldl", "-lpthread"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise QnnSetupError(f"building the QNN bridge failed: {result.stderr.strip()}")
+    return output
+
+
+def prepare_qnn_sdk(bridge: bool | None = None) -> QnnSdk:
+    """Lay out (once) and return the QNN SDK directory. `bridge=None` decides by version."""
+    wheel = wheel_library_dir()
+    version = library_version(wheel / "libQnnHtp.so")
+    bridged = bridge_needed(version) if bridge is None else bridge
+    source_tag = hashlib.sha256(BRIDGE_SOURCE.read_bytes()).hexdigest()[:10] if bridged else "plain"
+    root = cache_dir() / "qnn" / f"{'.'.join(map(str, version))}-{source_tag}"
+    sdk = QnnSdk(root=root, version=version, bridged=bridged)
+    if (sdk.lib_dir / "libQnnHtp.so").is_file() and sdk.real_htp.is_file():
+        return sdk
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    try:
+        lib_dir = staging / LIB_SUBDIR
+        lib_dir.mkdir(parents=True)
+        _link_or_copy(wheel / "libQnnHtp.so", lib_dir / sdk.real_htp.name)
+        _link_or_copy(wheel / "libHtpPrepare.so", lib_dir / "libHtpPrepare.so")
+        _link_or_copy(wheel / "libHtpPrepare.so", lib_dir / "libQnnHtpPrepare.so")
+        _link_or_copy(wheel / "libQnnSystem.so", lib_dir / "libQnnSystem.so")
+        bundled = wheel.parent / "onnxruntime_qnn.libs"
+        for runtime in sorted(bundled.glob("lib*.so*")) if bundled.is_dir() else []:
+            _link_or_copy(runtime, lib_dir / runtime.name)
+        if bridged:
+            build_bridge(lib_dir / "libQnnHtp.so")
+        if root.exists():
+            shutil.rmtree(root)
+        staging.rename(root)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return sdk
+
+
+_active: tuple[QnnSdk, list[ctypes.CDLL]] | None = None
+
+
+def activate(sdk: QnnSdk | None = None) -> QnnSdk:
+    """Make ExecuTorch's QNN backend use `sdk` (default: `prepare_qnn_sdk()`) in this process.
+
+    Idempotent; activating a different layout once libraries are loaded is an error, since a
+    process cannot unload them.
+    """
+    global _active
+    import torch  # noqa: F401  (torch's C++ runtime must be loaded before QNN's libc++)
+
+    sdk = sdk or prepare_qnn_sdk()
+    if _active is not None:
+        if _active[0] != sdk:
+            raise QnnSetupError(f"QNN already active from {_active[0].root}; cannot switch to {sdk.root} in one process")
+        return sdk
+    os.environ["QNN_SDK_ROOT"] = str(sdk.root)
+    os.environ["QUANTNPU_QNN_HTP_REAL"] = str(sdk.real_htp)
+    paths = os.environ.get("LD_LIBRARY_PATH", "")
+    if str(sdk.lib_dir) not in paths.split(":"):  # for child processes; this one is served by the loads below
+        os.environ["LD_LIBRARY_PATH"] = f"{sdk.lib_dir}:{paths}" if paths else str(sdk.lib_dir)
+    try:
+        handles = [ctypes.CDLL(str(sdk.lib_dir / name)) for name in ("libQnnHtp.so", "libQnnSystem.so")]
+    except OSError as error:
+        raise QnnSetupError(f"cannot load the QNN libraries in {sdk.lib_dir}: {error}") from None
+    _active = (sdk, handles)
+    return sdk
+
+
+def active_sdk() -> QnnSdk | None:
+    return _active[0] if _active else None

@@ -1,0 +1,1 @@
+"""Quantizers: ExecuTorch's QnnQuantizer baselines (and, later, quantnpu's own fixed encodings)."""

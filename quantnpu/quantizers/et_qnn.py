@@ -1,0 +1,56 @@
+"""ExecuTorch's own `QnnQuantizer` configurations: the baseline every quantnpu config must beat.
+
+| name          | activations | linear weights                         |
+|---------------|-------------|----------------------------------------|
+| `8a8w`        | 8-bit       | 8-bit per-channel                      |
+| `16a8w`       | 16-bit      | 8-bit per-channel                      |
+| `16a4w`       | 16-bit      | 4-bit per-channel                      |
+| `16a4w_block` | 16-bit      | 4-bit per-block (block of `block_size` input channels) |
+
+Activation observers are ExecuTorch's defaults for each config (moving-average min/max).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from quantnpu.errors import QuantNpuError
+
+ET_CONFIGS = ("8a8w", "16a8w", "16a4w", "16a4w_block")
+
+
+def soc_names() -> list[str]:
+    from executorch.backends.qualcomm.serialization.qc_schema import QcomChipset
+
+    return [chip.name for chip in QcomChipset if chip.name != "UNKNOWN_SM"]
+
+
+def soc_model(name: str):
+    from executorch.backends.qualcomm.serialization.qc_schema import QcomChipset
+
+    if name not in soc_names():
+        raise QuantNpuError(f"unknown SoC {name!r}: choose one of {', '.join(soc_names())}")
+    return QcomChipset[name]
+
+
+def make_et_quantizer(config: str, gm: torch.fx.GraphModule, soc: str = "SM8650", block_size: int = 32):
+    """A configured ExecuTorch `QnnQuantizer` for `gm` (the block map names gm's linear nodes)."""
+    from executorch.backends.qualcomm.quantizer.quantizer import QnnQuantizer, QuantDtype
+
+    dtypes = {
+        "8a8w": QuantDtype.use_8a8w, "16a8w": QuantDtype.use_16a8w,
+        "16a4w": QuantDtype.use_16a4w, "16a4w_block": QuantDtype.use_16a4w_block,
+    }
+    if config not in dtypes:
+        raise QuantNpuError(f"unknown quantization config {config!r}: choose one of {', '.join(ET_CONFIGS)}")
+    quantizer = QnnQuantizer(soc_model=soc_model(soc))
+    quantizer.set_default_quant_config(dtypes[config], is_linear_per_channel=True, is_conv_per_channel=True)
+    if config == "16a4w_block":
+        blocks = {}
+        for node in gm.graph.nodes:
+            if node.target == torch.ops.aten.linear.default:
+                blocks[node.name] = (1, block_size)
+                blocks[node.args[1].name] = (1, block_size)
+        quantizer.set_block_size_map(blocks)
+    return quantizer
