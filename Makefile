@@ -1,0 +1,25 @@
+# The two commands of the README: `make run` (main job) and `make test` (what .ci/run calls).
+PY := .venv/bin/python
+BUILD := build
+SEQ := 128
+QUANT := 16a8w
+PT2 := $(BUILD)/smollm2-135m-s$(SEQ).pt2
+PTE := $(BUILD)/smollm2-135m-s$(SEQ).$(QUANT).pte
+
+.PHONY: setup run test test-slow bench
+
+setup:
+	bash scripts/setup.sh
+
+run: setup
+	$(PY) tools/export.py --model smollm2 --seq-len $(SEQ) -o $(PT2)
+	$(PY) tools/lower.py $(PT2) -o $(PTE) --quant $(QUANT) --eval
+
+test: setup
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+bench: setup
+	$(PY) bench/skeleton.py

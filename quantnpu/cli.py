@@ -1,0 +1,228 @@
+"""Command-line tools: `quantnpu-lower` (tools/lower.py) and `quantnpu-export` (tools/export.py).
+
+Every user error is one line on stderr (exit 2); Ctrl-C exits 130 and leaves no partial file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from quantnpu.errors import QuantNpuError
+
+EXPORT_MODELS = ("smollm2", "tiny-llama", "tiny-qwen2")
+SMOLLM2_VOCAB = 49152
+
+
+class _Stages:
+    """Prints `[stage] ... seconds` lines and keeps the timings for the run record."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.seconds: dict[str, float] = {}
+
+    def run(self, name: str, work: Callable):
+        if not self.quiet:
+            print(f"[{name}] ...", flush=True)
+        start = time.perf_counter()
+        result = work()
+        self.seconds[name] = round(time.perf_counter() - start, 3)
+        if not self.quiet:
+            print(f"[{name}] done in {self.seconds[name]:.1f} s", flush=True)
+        return result
+
+
+def _guarded(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    try:
+        return run(args)
+    except QuantNpuError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
+
+
+def _lower_parser() -> argparse.ArgumentParser:
+    from quantnpu.quantizers.et_qnn import ET_CONFIGS
+
+    parser = argparse.ArgumentParser(
+        prog="quantnpu-lower",
+        description="Quantize a decoder LM .pt2 (input_ids -> logits) and lower it to a QNN HTP .pte.",
+    )
+    parser.add_argument("model", help="a .pt2 written by torch.export.save (e.g. by quantnpu-export)")
+    parser.add_argument("-o", "--output", help="the .pte to write (default: <model>.<quant>.pte beside the model)")
+    parser.add_argument("--quant", default="16a8w", help=f"quantization config: {', '.join(ET_CONFIGS)} (ExecuTorch's QnnQuantizer)")
+    parser.add_argument("--soc", default="SM8650", help="Qualcomm SoC to compile for (default SM8650, Snapdragon 8 Gen 3)")
+    parser.add_argument("--calib-windows", type=int, default=16, help="calibration windows from the Brown calibration split")
+    parser.add_argument("--eval", action="store_true", help="also measure perplexity: float graph, fake-quant graph, and the .pte on the HTP simulator")
+    parser.add_argument("--eval-windows", type=int, default=2, help="evaluation windows (each takes ~30 s on the simulator for SmolLM2 at 128 tokens)")
+    parser.add_argument("--tokenizer", help="Hugging Face tokenizer directory for the calibration/eval text (default: SmolLM2's)")
+    parser.add_argument("--stop-after", help="stop the pass pipeline after this pass and print the graph")
+    parser.add_argument("--allow-cpu-ops", action="store_true", help="accept ops left outside QNN delegates")
+    parser.add_argument("--record", help="JSON record of the run (default: <output>.json)")
+    parser.add_argument("-q", "--quiet", action="store_true")
+    return parser
+
+
+def _check_positive(name: str, value: int) -> None:
+    if value <= 0:
+        raise QuantNpuError(f"{name} must be a positive number, got {value}")
+
+
+def _lower(args: argparse.Namespace) -> int:
+    from quantnpu.quantizers.et_qnn import ET_CONFIGS
+
+    if args.quant not in ET_CONFIGS:
+        raise QuantNpuError(f"unknown quantization config {args.quant!r}: choose one of {', '.join(ET_CONFIGS)}")
+    _check_positive("--calib-windows", args.calib_windows)
+    _check_positive("--eval-windows", args.eval_windows)
+    model_path = Path(args.model)
+    from quantnpu.models.export import load_pt2, token_input_spec
+
+    stages = _Stages(args.quiet)
+    program = stages.run("load", lambda: load_pt2(model_path))
+    batch, seq_len = token_input_spec(program, model_path)
+
+    import torch  # noqa: F401  (after the cheap checks above)
+
+    from quantnpu.lowering import qnn_sdk
+    from quantnpu.quantizers.et_qnn import make_et_quantizer, soc_model
+
+    soc_model(args.soc)  # validates the name
+    sdk = qnn_sdk.activate(qnn_sdk.prepare_qnn_sdk())
+    output = Path(args.output) if args.output else model_path.with_name(f"{model_path.stem}.{args.quant}.pte")
+    if output.suffix != ".pte":
+        raise QuantNpuError(f"{output}: the output must end in .pte")
+
+    from quantnpu.passes import PassManager, default_pipeline
+    from quantnpu.passes.graph_text import graph_text
+
+    manager = PassManager(default_pipeline(), stop_after=args.stop_after, progress=not args.quiet)
+    gm = stages.run("passes", lambda: manager.run(program.module()))
+    if not args.quiet:
+        print(manager.report())
+    if args.stop_after:
+        print(graph_text(gm))
+        return 0
+
+    tokenizer = _tokenizer(args.tokenizer)
+    vocab = _output_vocab(gm, model_path)
+    if len(tokenizer) > vocab:
+        raise QuantNpuError(
+            f"{model_path}: the model predicts {vocab} tokens but the tokenizer has {len(tokenizer)}; "
+            "pass --tokenizer with the model's own tokenizer"
+        )
+    from quantnpu.models.corpus import split_tokens, token_windows
+
+    calibration = token_windows(split_tokens(tokenizer, "calibration"), seq_len, args.calib_windows * batch)
+    batches = list(calibration.reshape(-1, batch, seq_len))
+    from quantnpu.lowering.lower import calibrate_and_convert, lower_to_qnn
+
+    quantizer = make_et_quantizer(args.quant, gm, args.soc)
+    quantized = stages.run("calibrate+convert", lambda: calibrate_and_convert(gm, quantizer, batches, progress=not args.quiet))
+    lowered = stages.run("lower", lambda: lower_to_qnn(quantized, (batches[0],), output, args.soc, args.allow_cpu_ops))
+    print(f"wrote {lowered.pte_path} ({lowered.size_bytes / 2**20:.1f} MiB, {lowered.delegates} QNN delegate(s)"
+          + (f", {len(lowered.outside_delegates)} op(s) on CPU" if lowered.outside_delegates else "") + ")")
+
+    record = {
+        "tool": "quantnpu-lower", "model": str(model_path), "pte": str(lowered.pte_path),
+        "quant": args.quant, "soc": args.soc, "seq_len": seq_len, "batch": batch,
+        "calibration": {"split": "brown calibration", "windows": args.calib_windows},
+        "qnn_sdk": str(sdk.root), "delegates": lowered.delegates,
+        "outside_delegates": lowered.outside_delegates, "pte_bytes": lowered.size_bytes,
+    }
+    if args.eval:
+        if batch != 1:
+            raise QuantNpuError(f"{model_path}: --eval needs a batch-1 program, this one has batch {batch}")
+        from quantnpu.runtime_harness.perplexity import perplexity
+        from quantnpu.runtime_harness.pte import PteModel
+
+        windows = token_windows(split_tokens(tokenizer, "evaluation"), seq_len, args.eval_windows)
+        progress = not args.quiet
+        results = {
+            "float_graph": stages.run("eval float", lambda: perplexity(gm, windows, "float graph", progress)),
+            "fake_quant": stages.run("eval fake-quant", lambda: perplexity(quantized, windows, "fake-quant", progress)),
+            "pte_htp_simulator": stages.run("eval .pte", lambda: perplexity(PteModel(lowered.pte_path), windows, ".pte on HTP simulator", progress)),
+        }
+        record["evaluation"] = {"split": "brown evaluation", "windows": args.eval_windows,
+                                **{k: v.as_dict() for k, v in results.items()}}
+        for name, result in results.items():
+            print(f"ppl {name:<18} {result.ppl:10.3f}   ({result.windows} windows x {seq_len} tokens, {result.seconds:.1f} s)")
+    record["seconds"] = stages.seconds
+    from quantnpu.runtime_harness.records import write_record
+
+    record_path = write_record(args.record or output.with_suffix(".json"), record)
+    print(f"record: {record_path}")
+    print(f".pte: {lowered.pte_path}")
+    if args.eval:
+        print(f"ppl on the HTP simulator: {results['pte_htp_simulator'].ppl:.3f}")
+    return 0
+
+
+def _tokenizer(directory: str | None):
+    if directory is None:
+        from quantnpu.models.smollm2 import load_tokenizer
+
+        return load_tokenizer()
+    from transformers import AutoTokenizer
+
+    if not Path(directory).is_dir():
+        raise QuantNpuError(f"{directory}: tokenizer directory not found")
+    return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+
+
+def _output_vocab(gm, path: Path) -> int:
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    values = output.args[0] if isinstance(output.args[0], (tuple, list)) else (output.args[0],)
+    value = values[0].meta.get("val") if hasattr(values[0], "meta") else None
+    if value is None or value.dim() != 3:
+        raise QuantNpuError(f"{path}: the program must return logits [batch, seq, vocab]")
+    return int(value.shape[-1])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING)
+    args = _lower_parser().parse_args(argv)
+    return _guarded(_lower, args)
+
+
+def _export(args: argparse.Namespace) -> int:
+    if args.model not in EXPORT_MODELS:
+        raise QuantNpuError(f"unknown model {args.model!r}: choose one of {', '.join(EXPORT_MODELS)}")
+    _check_positive("--seq-len", args.seq_len)
+    output = Path(args.output)
+    if output.suffix != ".pt2":
+        raise QuantNpuError(f"{output}: the output must end in .pt2")
+    if output.exists() and not args.force:
+        print(f"reusing {output} (use --force to export again)")
+        return 0
+    from quantnpu.models.export import export_causal_lm, save_pt2
+
+    if args.model == "smollm2":
+        from quantnpu.models.smollm2 import load_smollm2
+
+        model, _ = load_smollm2()
+    else:
+        from quantnpu.models import tiny
+
+        # SmolLM2's vocabulary, so the default tokenizer and corpus work with the tiny models.
+        maker = tiny.tiny_llama if args.model == "tiny-llama" else tiny.tiny_qwen2
+        model = maker(vocab=SMOLLM2_VOCAB)
+    start = time.perf_counter()
+    save_pt2(export_causal_lm(model, args.seq_len), output)
+    print(f"exported {args.model} (seq_len {args.seq_len}) to {output} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def export_main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="quantnpu-export", description="Export a causal LM's prefill graph to .pt2.")
+    parser.add_argument("--model", default="smollm2", help=f"one of {', '.join(EXPORT_MODELS)}")
+    parser.add_argument("--seq-len", type=int, default=128, help="static sequence length")
+    parser.add_argument("-o", "--output", required=True, help="the .pt2 to write")
+    parser.add_argument("--force", action="store_true", help="export again even if the output exists")
+    return _guarded(_export, parser.parse_args(argv))
