@@ -58,12 +58,19 @@ class QnnSdk:
         return ".".join(map(str, self.version))
 
 
+LIB_DIR_ENV = "QUANTNPU_QNN_LIB_DIR"
+
+
 def wheel_library_dir() -> Path:
-    """The directory of the installed onnxruntime-qnn wheel's QNN libraries (not imported)."""
-    spec = importlib.util.find_spec("onnxruntime_qnn")
-    if spec is None or not spec.submodule_search_locations:
-        raise QnnSetupError("QNN libraries missing: the onnxruntime-qnn wheel is not installed (run scripts/setup.sh)")
-    directory = Path(list(spec.submodule_search_locations)[0])
+    """Where the QNN x86 libraries are: `$QUANTNPU_QNN_LIB_DIR` if set (e.g. a QNN SDK's
+    lib/x86_64-linux-clang), else the installed onnxruntime-qnn wheel (found, not imported)."""
+    if os.environ.get(LIB_DIR_ENV):
+        directory = Path(os.environ[LIB_DIR_ENV])
+    else:
+        spec = importlib.util.find_spec("onnxruntime_qnn")
+        if spec is None or not spec.submodule_search_locations:
+            raise QnnSetupError("QNN libraries missing: the onnxruntime-qnn wheel is not installed (run scripts/setup.sh)")
+        directory = Path(list(spec.submodule_search_locations)[0])
     missing = [name for name in _WHEEL_LIBS if not (directory / name).is_file()]
     if missing:
         raise QnnSetupError(f"QNN libraries missing: {', '.join(missing)} not in {directory}")
@@ -109,7 +116,9 @@ def prepare_qnn_sdk(bridge: bool | None = None) -> QnnSdk:
     wheel = wheel_library_dir()
     version = library_version(wheel / "libQnnHtp.so")
     bridged = bridge_needed(version) if bridge is None else bridge
-    source_tag = hashlib.sha256(BRIDGE_SOURCE.read_bytes()).hexdigest()[:10] if bridged else "plain"
+    # Keyed by source directory and bridge source, so changing either lays out a new SDK.
+    key = str(wheel.resolve()).encode() + (BRIDGE_SOURCE.read_bytes() if bridged else b"plain")
+    source_tag = hashlib.sha256(key).hexdigest()[:10] + ("-bridged" if bridged else "-plain")
     root = cache_dir() / "qnn" / f"{'.'.join(map(str, version))}-{source_tag}"
     sdk = QnnSdk(root=root, version=version, bridged=bridged)
     if (sdk.lib_dir / "libQnnHtp.so").is_file() and sdk.real_htp.is_file():
@@ -123,9 +132,11 @@ def prepare_qnn_sdk(bridge: bool | None = None) -> QnnSdk:
         _link_or_copy(wheel / "libHtpPrepare.so", lib_dir / "libHtpPrepare.so")
         _link_or_copy(wheel / "libHtpPrepare.so", lib_dir / "libQnnHtpPrepare.so")
         _link_or_copy(wheel / "libQnnSystem.so", lib_dir / "libQnnSystem.so")
-        bundled = wheel.parent / "onnxruntime_qnn.libs"
-        for runtime in sorted(bundled.glob("lib*.so*")) if bundled.is_dir() else []:
-            _link_or_copy(runtime, lib_dir / runtime.name)
+        # The wheel's libraries find their libc++/libunwind through RPATH $ORIGIN/../onnxruntime_qnn.libs.
+        for bundled in (wheel / "../onnxruntime_qnn.libs", wheel):
+            for runtime in sorted(bundled.glob("lib*.so*")) if bundled.is_dir() else []:
+                if runtime.name.startswith(("libc++", "libunwind")) and not (lib_dir / runtime.name).exists():
+                    _link_or_copy(runtime, lib_dir / runtime.name)
         if bridged:
             build_bridge(lib_dir / "libQnnHtp.so")
         if root.exists():
