@@ -152,7 +152,8 @@ _active: tuple[QnnSdk, list[ctypes.CDLL]] | None = None
 
 
 def activate(sdk: QnnSdk | None = None) -> QnnSdk:
-    """Make ExecuTorch's QNN backend use `sdk` (default: `prepare_qnn_sdk()`) in this process.
+    """Make ExecuTorch's QNN backend use `sdk` in this process; with no argument, keep the layout
+    already active, else activate `prepare_qnn_sdk()`.
 
     Idempotent; activating a different layout once libraries are loaded is an error, since a
     process cannot unload them.
@@ -160,6 +161,8 @@ def activate(sdk: QnnSdk | None = None) -> QnnSdk:
     global _active
     import torch  # noqa: F401  (torch's C++ runtime must be loaded before QNN's libc++)
 
+    if sdk is None and _active is not None:
+        return _active[0]
     sdk = sdk or prepare_qnn_sdk()
     if _active is not None:
         if _active[0] != sdk:

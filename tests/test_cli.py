@@ -1,0 +1,101 @@
+"""tools/lower.py as a user runs it: one-line errors for bad input, and nothing half-written."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from quantnpu.models.export import export_causal_lm, save_pt2
+from quantnpu.models.tiny import tiny_llama
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOLLM2_VOCAB = 49152
+
+
+def _lower(*args, env=None):
+    import os
+
+    return subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "lower.py"), *map(str, args)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})},
+    )
+
+
+def _assert_one_line_error(result, pattern):
+    import re
+
+    assert result.returncode == 2, result.stdout + result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error_lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert re.search(pattern, error_lines[0]), error_lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_pt2(tmp_path_factory):
+    model = tiny_llama(layers=1, vocab=SMOLLM2_VOCAB)
+    return save_pt2(export_causal_lm(model, 16), tmp_path_factory.mktemp("cli") / "tiny.pt2")
+
+
+def test_missing_file(tmp_path):
+    _assert_one_line_error(_lower(tmp_path / "missing.pt2"), r"missing\.pt2: no such file")
+
+
+def test_not_a_pt2(tmp_path):
+    path = tmp_path / "notes.pt2"
+    path.write_text("hello")
+    _assert_one_line_error(_lower(path), r"notes\.pt2: not a \.pt2 archive")
+
+
+def test_truncated(tmp_path, tiny_pt2):
+    path = tmp_path / "cut.pt2"
+    path.write_bytes(tiny_pt2.read_bytes()[:5000])
+    _assert_one_line_error(_lower(path), r"cut\.pt2: (not a \.pt2 archive|truncated or corrupt)")
+
+
+def test_graph_without_decoder_structure(tmp_path):
+    class Bag(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(SMOLLM2_VOCAB, 8)
+            self.out = torch.nn.Linear(8, SMOLLM2_VOCAB)
+
+        def forward(self, input_ids):
+            return self.out(self.embed(input_ids))
+
+    path = save_pt2(torch.export.export(Bag(), (torch.zeros(1, 8, dtype=torch.int64),)), tmp_path / "bag.pt2")
+    _assert_one_line_error(_lower(path), r"pass AnnotateRoles failed: no final_norm found: not a decoder LM graph")
+
+
+def test_unknown_config(tiny_pt2):
+    _assert_one_line_error(_lower(tiny_pt2, "--quant", "3a3w"), r"unknown quantization config '3a3w': choose one of 8a8w, 16a8w")
+
+
+def test_unknown_soc(tiny_pt2):
+    _assert_one_line_error(_lower(tiny_pt2, "--soc", "SM0000"), r"unknown SoC 'SM0000': choose one of .*SM8650")
+
+
+def test_qnn_libraries_missing(tmp_path, tiny_pt2):
+    output = tmp_path / "out.pte"
+    result = _lower(tiny_pt2, "-o", output, env={"QUANTNPU_QNN_LIB_DIR": str(tmp_path / "empty"), "QUANTNPU_CACHE": str(tmp_path / "cache")})
+    _assert_one_line_error(result, r"QNN libraries missing: libQnnHtp\.so")
+    assert not output.exists()
+
+
+def test_end_to_end_on_a_tiny_model(tmp_path, tiny_pt2):
+    output = tmp_path / "tiny.pte"
+    result = _lower(tiny_pt2, "-o", output, "--calib-windows", "2", "--eval", "--eval-windows", "1", "-q")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert output.is_file() and output.with_suffix(".json").is_file()
+    assert f".pte: {output}" in result.stdout
+    assert "ppl on the HTP simulator:" in result.stdout.splitlines()[-1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.json", "tiny.pte"]
+
+
+def test_stop_after_prints_the_intermediate_graph(tiny_pt2, tmp_path):
+    result = _lower(tiny_pt2, "--stop-after", "FoldConstants", "-q")
+    assert result.returncode == 0, result.stderr
+    assert "_folded_" in result.stdout and "role=" not in result.stdout  # AnnotateRoles did not run
+    assert not list(tiny_pt2.parent.glob("*.pte"))
