@@ -32,3 +32,21 @@ def assert_pass_diff(gm: torch.fx.GraphModule, passes: list[GraphPass], expected
     expected = textwrap.dedent(expected).strip("\n")
     assert actual == expected, f"graph diff differs; actual diff:\n{actual}"
     return after_gm
+
+
+def as_float64(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """The same graph computing in float64 throughout: parameters, buffers, and the float32
+    casts Hugging Face puts inside RMSNorm and RoPE (and export's assertions on them)."""
+    gm = gm.double()
+    aten = torch.ops.aten
+    for node in list(gm.graph.nodes):
+        if node.target == aten._assert_tensor_metadata.default:
+            gm.graph.erase_node(node)
+        elif node.target == aten.to.dtype and node.args[1] == torch.float32:
+            node.args = (node.args[0], torch.float64) + tuple(node.args[2:])
+        elif node.target in (aten.to.dtype_layout, aten._to_copy.default) and node.kwargs.get("dtype") == torch.float32:
+            node.kwargs = {**node.kwargs, "dtype": torch.float64}
+        elif node.target == aten.to.device and torch.float32 in node.args:
+            node.args = tuple(torch.float64 if a == torch.float32 else a for a in node.args)
+    gm.recompile()
+    return gm

@@ -101,7 +101,7 @@ def _data_users(node: torch.fx.Node) -> list[torch.fx.Node]:
     return [u for u in node.users if u.target not in _ASSERTS]
 
 
-def _skip_passthrough_forward(node: torch.fx.Node) -> list[torch.fx.Node]:
+def skip_passthrough_forward(node: torch.fx.Node) -> list[torch.fx.Node]:
     """Users of `node`, looking through data-movement ops."""
     found, frontier = [], _data_users(node)
     while frontier:
@@ -165,7 +165,7 @@ def _roles_from_structure(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, NodeI
     norms = _norm_outputs(gm)
     attention_norms = 0
     for norm in norms:
-        linears = list(dict.fromkeys(u for u in _skip_passthrough_forward(norm) if u.target == LINEAR))
+        linears = list(dict.fromkeys(u for u in skip_passthrough_forward(norm) if u.target == LINEAR))
         if len(linears) == 3:  # attention block: q, k, v
             layer = attention_norms
             attention_norms += 1
@@ -177,7 +177,7 @@ def _roles_from_structure(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, NodeI
                 roles[linear] = layer_role(layer, ("q_proj", "k_proj", "v_proj")[index])
                 sdpa = next(u for u in _bfs_users(linear) if u.target == SDPA)
                 roles[sdpa] = layer_role(layer, "attention")
-                outputs = [u for u in _skip_passthrough_forward(sdpa) if u.target == LINEAR]
+                outputs = [u for u in skip_passthrough_forward(sdpa) if u.target == LINEAR]
                 if len(outputs) != 1:
                     raise GraphStructureError("attention output does not feed exactly one linear (o_proj)", sdpa.name)
                 roles[outputs[0]] = layer_role(layer, "o_proj")
@@ -186,15 +186,15 @@ def _roles_from_structure(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, NodeI
             if layer < 0:
                 raise GraphStructureError("MLP norm before any attention block", norm.name)
             roles[norm] = layer_role(layer, "post_attention_norm")
-            gates = [l for l in linears if any(u.target == aten.silu.default for u in _skip_passthrough_forward(l))]
+            gates = [l for l in linears if any(u.target == aten.silu.default for u in skip_passthrough_forward(l))]
             if len(gates) != 1:
                 raise GraphStructureError("cannot tell gate_proj (feeds SiLU) from up_proj", linears[0].name)
             gate = gates[0]
             up = next(l for l in linears if l is not gate)
             roles[gate] = layer_role(layer, "gate_proj")
             roles[up] = layer_role(layer, "up_proj")
-            products = [u for u in _skip_passthrough_forward(up) if u.target == aten.mul.Tensor]
-            downs = [u for p in products for u in _skip_passthrough_forward(p) if u.target == LINEAR]
+            products = [u for u in skip_passthrough_forward(up) if u.target == aten.mul.Tensor]
+            downs = [u for p in products for u in skip_passthrough_forward(p) if u.target == LINEAR]
             if len(downs) != 1:
                 raise GraphStructureError("gated product does not feed exactly one linear (down_proj)", up.name)
             roles[downs[0]] = layer_role(layer, "down_proj")
@@ -264,3 +264,24 @@ class AnnotateRoles(GraphPass):
                 set_node_info(node, info)
                 modified = True
         return PassResult(gm, modified)
+
+
+class DecoderDims:
+    """Sizes of an annotated decoder, read from its weights and attention shapes."""
+
+    def __init__(self, gm: torch.fx.GraphModule) -> None:
+        from quantnpu.passes.meta import nodes_by_role
+        from quantnpu.passes.weights import weight_tensor
+
+        by_role = nodes_by_role(gm)
+        if "lm_head" not in by_role:
+            raise GraphStructureError("no roles on the graph: run AnnotateRoles first")
+        self.layers = 1 + max(node_info(n).layer for n in by_role.values() if node_info(n).layer is not None)
+        attention = by_role["layers.0.attention"]
+        query = attention.args[0].meta.get("val") if isinstance(attention.args[0], torch.fx.Node) else None
+        if query is None or query.dim() != 4:
+            raise GraphStructureError("attention query has no [batch, heads, seq, head_dim] shape metadata", attention.name)
+        self.head_dim = int(query.shape[-1])
+        self.hidden = int(weight_tensor(gm, by_role["layers.0.q_proj"].args[1]).shape[1])
+        self.heads = int(weight_tensor(gm, by_role["layers.0.q_proj"].args[1]).shape[0]) // self.head_dim
+        self.kv_heads = int(weight_tensor(gm, by_role["layers.0.v_proj"].args[1]).shape[0]) // self.head_dim

@@ -25,11 +25,34 @@ _NONDETERMINISTIC = {aten.rand.default, aten.randn.default, aten.randint.default
                      aten.bernoulli.default, aten.normal.Tensor_float, aten.empty.memory_format}
 
 
-def _fetch_attr(gm: torch.fx.GraphModule, target: str):
+def fetch_attr(gm: torch.fx.GraphModule, target: str):
     value = gm
     for part in target.split("."):
         value = getattr(value, part)
     return value
+
+
+def evaluate_nodes(
+    gm: torch.fx.GraphModule, nodes: set[torch.fx.Node], compute_dtype: torch.dtype | None = None,
+) -> dict[torch.fx.Node, object]:
+    """Values of `nodes` (input-independent call_functions) and the get_attrs they read.
+
+    With `compute_dtype`, floating tensors read from the module are upcast to it first (so e.g.
+    weight rotations are multiplied in float64); results keep that dtype.
+    """
+    values: dict[torch.fx.Node, object] = {}
+    with torch.no_grad():
+        for node in gm.graph.nodes:
+            if node.op == "get_attr" and any(u in nodes for u in node.users):
+                value = fetch_attr(gm, node.target)
+                if compute_dtype is not None and isinstance(value, torch.Tensor) and value.is_floating_point():
+                    value = value.to(compute_dtype)
+                values[node] = value
+            elif node in nodes:
+                args = map_arg(node.args, lambda n: values[n])
+                kwargs = map_arg(node.kwargs, lambda n: values[n])
+                values[node] = node.target(*args, **kwargs)
+    return values
 
 
 def input_independent_nodes(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
@@ -52,16 +75,8 @@ class FoldConstants(GraphPass):
         foldable = input_independent_nodes(gm)
         if not foldable:
             return PassResult(gm, False)
-        values: dict[torch.fx.Node, object] = {}
+        values = evaluate_nodes(gm, foldable)
         graph = gm.graph
-        with torch.no_grad():
-            for node in graph.nodes:
-                if node.op == "get_attr" and any(u in foldable for u in node.users):
-                    values[node] = _fetch_attr(gm, node.target)
-                elif node in foldable:
-                    args = map_arg(node.args, lambda n: values[n])
-                    kwargs = map_arg(node.kwargs, lambda n: values[n])
-                    values[node] = node.target(*args, **kwargs)
         for node in list(graph.nodes):
             if node in foldable and node.target in _ASSERTS:
                 graph.erase_node(node)  # it held while folding (evaluation above would have raised)
@@ -85,7 +100,7 @@ class FoldConstants(GraphPass):
             folded.meta = {k: v for k, v in node.meta.items() if k in ("val", "tensor_meta", "stack_trace")}
             node.replace_all_uses_with(folded, delete_user_cb=lambda user: user not in foldable)
         graph.eliminate_dead_code()
-        _drop_unused_submodules(gm)
+        drop_unused_submodules(gm)
         return PassResult(gm, bool(boundary))
 
     def ensures(self, gm: torch.fx.GraphModule) -> None:
@@ -94,7 +109,7 @@ class FoldConstants(GraphPass):
             raise AssertionError(f"input-independent node %{left[0].name} ({left[0].target}) was not folded")
 
 
-def _drop_unused_submodules(gm: torch.fx.GraphModule) -> None:
+def drop_unused_submodules(gm: torch.fx.GraphModule) -> None:
     """Higher-order ops reference submodules by get_attr; drop those no node uses any more."""
     used = {n.target for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
     for name, child in list(gm.named_children()):
