@@ -79,7 +79,7 @@ def main() -> int:
                      "calibration": {"split": "brown calibration", "windows": args.calib_windows, "seq_len": args.seq_len}}
     float_eager = timer("ppl eager float", lambda: perplexity(eager_forward(model), windows, "eager float"))
     program = timer("export", lambda: export_causal_lm(model, args.seq_len))
-    manager = PassManager(default_pipeline())
+    manager = PassManager(default_pipeline("none"))
     gm = timer("passes", lambda: manager.run(program.module()))
     float_graph = timer("ppl exported graph", lambda: perplexity(gm, windows, "exported graph"))
     results["float"] = {"eager": float_eager.as_dict(), "exported_graph": float_graph.as_dict(),
@@ -96,7 +96,7 @@ def main() -> int:
         short_windows = token_windows(eval_tokens, args.pte_seq_len, args.pte_windows)
         short_calibration = list(token_windows(calib_tokens, args.pte_seq_len, args.calib_windows).unsqueeze(1))
         short_program = timer("export (pte)", lambda: export_causal_lm(model, args.pte_seq_len))
-        short_gm = PassManager(default_pipeline()).run(short_program.module())
+        short_gm = PassManager(default_pipeline("none")).run(short_program.module())
         quantized = timer(f"{args.pte_config} calibrate+convert (pte)", lambda: calibrate_and_convert(short_gm, make_et_quantizer(args.pte_config, short_gm), short_calibration))
         pte_path = ROOT / "build" / f"bench-smollm2-s{args.pte_seq_len}.{args.pte_config}.pte"
         lowered = timer("lower to QNN", lambda: lower_to_qnn(quantized, (short_calibration[0],), pte_path))

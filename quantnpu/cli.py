@@ -58,6 +58,7 @@ def _lower_parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", "--output", help="the .pte to write (default: <model>.<quant>.pte beside the model)")
     parser.add_argument("--quant", default="16a8w", help=f"quantization config: {', '.join(ET_CONFIGS)} (ExecuTorch's QnnQuantizer)")
     parser.add_argument("--soc", default="SM8650", help="Qualcomm SoC to compile for (default SM8650, Snapdragon 8 Gen 3)")
+    parser.add_argument("--rotate", default="hadamard", help="R1/R2 rotations fused into the weights: hadamard (random Hadamard), random (random orthogonal), none")
     parser.add_argument("--calib-windows", type=int, default=16, help="calibration windows from the Brown calibration split")
     parser.add_argument("--eval", action="store_true", help="also measure perplexity: float graph, fake-quant graph, and the .pte on the HTP simulator")
     parser.add_argument("--eval-windows", type=int, default=2, help="evaluation windows (each takes ~30 s on the simulator for SmolLM2 at 128 tokens)")
@@ -80,6 +81,10 @@ def _lower(args: argparse.Namespace) -> int:
     if args.quant not in ET_CONFIGS:
         raise QuantNpuError(f"unknown quantization config {args.quant!r}: choose one of {', '.join(ET_CONFIGS)}")
     _check_positive("--calib-windows", args.calib_windows)
+    from quantnpu.passes import ROTATIONS
+
+    if args.rotate not in ROTATIONS:
+        raise QuantNpuError(f"unknown rotation {args.rotate!r}: choose one of {', '.join(ROTATIONS)}")
     _check_positive("--eval-windows", args.eval_windows)
     model_path = Path(args.model)
     from quantnpu.models.export import load_pt2, token_input_spec
@@ -102,7 +107,7 @@ def _lower(args: argparse.Namespace) -> int:
     from quantnpu.passes import PassManager, default_pipeline
     from quantnpu.passes.graph_text import graph_text
 
-    manager = PassManager(default_pipeline(), stop_after=args.stop_after, progress=not args.quiet)
+    manager = PassManager(default_pipeline(args.rotate), stop_after=args.stop_after, progress=not args.quiet)
     gm = stages.run("passes", lambda: manager.run(program.module()))
     if not args.quiet:
         print(manager.report())
@@ -131,7 +136,7 @@ def _lower(args: argparse.Namespace) -> int:
 
     record = {
         "tool": "quantnpu-lower", "model": str(model_path), "pte": str(lowered.pte_path),
-        "quant": args.quant, "soc": args.soc, "seq_len": seq_len, "batch": batch,
+        "quant": args.quant, "rotate": args.rotate, "soc": args.soc, "seq_len": seq_len, "batch": batch,
         "calibration": {"split": "brown calibration", "windows": args.calib_windows},
         "qnn_sdk": str(sdk.root), "delegates": lowered.delegates,
         "outside_delegates": lowered.outside_delegates, "pte_bytes": lowered.size_bytes,

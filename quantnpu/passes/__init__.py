@@ -2,13 +2,31 @@
 
 from __future__ import annotations
 
+from quantnpu.errors import QuantNpuError
 from quantnpu.passes.annotate_roles import AnnotateRoles
+from quantnpu.passes.bake_rotations import BakeRotations
 from quantnpu.passes.base import GraphPass, PassManager, PassRecord, PassResult
 from quantnpu.passes.fold_constants import FoldConstants
+from quantnpu.passes.fold_norms import FoldNorms
+from quantnpu.passes.fuse_rotations import FuseRotations
+from quantnpu.passes.online_rotations import InsertOnlineRotations, RemoveOnlineRotations
+from quantnpu.passes.untie_embeddings import UntieEmbeddings
 
-__all__ = ["AnnotateRoles", "FoldConstants", "GraphPass", "PassManager", "PassRecord", "PassResult", "default_pipeline"]
+__all__ = [
+    "AnnotateRoles", "BakeRotations", "FoldConstants", "FoldNorms", "FuseRotations", "GraphPass",
+    "InsertOnlineRotations", "PassManager", "PassRecord", "PassResult", "RemoveOnlineRotations",
+    "UntieEmbeddings", "default_pipeline",
+]
+
+ROTATIONS = ("none", "hadamard", "random")
 
 
-def default_pipeline() -> list[GraphPass]:
-    """The passes run before quantization, in order."""
-    return [FoldConstants(), AnnotateRoles()]
+def default_pipeline(rotate: str = "hadamard", seed: int = 0) -> list[GraphPass]:
+    """The passes run before quantization, in order. `rotate` picks R1/R2: random Hadamard,
+    random orthogonal (QR), or none (online rotations are removed in every case)."""
+    if rotate not in ROTATIONS:
+        raise QuantNpuError(f"unknown rotation {rotate!r}: choose one of {', '.join(ROTATIONS)}")
+    passes: list[GraphPass] = [FoldConstants(), AnnotateRoles(), RemoveOnlineRotations()]
+    if rotate != "none":
+        passes += [UntieEmbeddings(), FoldNorms(), FuseRotations(kind=rotate, seed=seed), BakeRotations()]
+    return passes

@@ -194,7 +194,9 @@ def _roles_from_structure(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, NodeI
             roles[gate] = layer_role(layer, "gate_proj")
             roles[up] = layer_role(layer, "up_proj")
             products = [u for u in skip_passthrough_forward(up) if u.target == aten.mul.Tensor]
-            downs = [u for p in products for u in skip_passthrough_forward(p) if u.target == LINEAR]
+            # the first linear after the gated product (an online rotation may sit between)
+            downs = [next((u for u in _bfs_users(p) if u.target == LINEAR), None) for p in products]
+            downs = [d for d in downs if d is not None]
             if len(downs) != 1:
                 raise GraphStructureError("gated product does not feed exactly one linear (down_proj)", up.name)
             roles[downs[0]] = layer_role(layer, "down_proj")
@@ -244,7 +246,14 @@ def _validate(gm: torch.fx.GraphModule, roles: dict[torch.fx.Node, NodeInfo]) ->
 def find_roles(gm: torch.fx.GraphModule, use_module_stack: bool = True) -> dict[torch.fx.Node, NodeInfo]:
     """Roles of the graph's nodes (see the module docstring); raises GraphStructureError."""
     has_stack = any(_module_path(n) for n in _compute_nodes(gm))
-    roles = _roles_from_module_stack(gm) if use_module_stack and has_stack else _roles_from_structure(gm)
+    if use_module_stack and has_stack:
+        roles = _roles_from_module_stack(gm)
+        try:
+            _validate(gm, roles)
+            return roles
+        except GraphStructureError:
+            pass  # module names of another model family: read the structure instead
+    roles = _roles_from_structure(gm)
     _validate(gm, roles)
     return roles
 

@@ -75,12 +75,16 @@ class FoldNorms(GraphPass):
 
     @staticmethod
     def _check_not_shared(gm: torch.fx.GraphModule, linear: torch.fx.Node) -> None:
-        weight = weight_tensor(gm, linear.args[1])
+        """Folding gamma into a weight another node also reads would change that node too."""
+        weight_node = linear.args[1]
+        other_readers = [u for u in weight_node.users if u is not linear]
+        weight = weight_tensor(gm, weight_node)
         for node in gm.graph.nodes:
-            if node.op == "get_attr" and node is not linear.args[1] and any(u is not linear for u in node.users):
-                if same_storage(weight_tensor(gm, node), weight):
-                    raise GraphStructureError(
-                        f"the weight of {node_info(linear).role} is shared with %{node.name}; run UntieEmbeddings first", linear.name)
+            if node.op == "get_attr" and node is not weight_node and node.users and same_storage(weight_tensor(gm, node), weight):
+                other_readers.extend(node.users)
+        if other_readers:
+            raise GraphStructureError(
+                f"the weight of {node_info(linear).role} is shared with %{other_readers[0].name}; run UntieEmbeddings first", linear.name)
 
     def ensures(self, gm: torch.fx.GraphModule) -> None:
         left = weighted_norms(gm)

@@ -116,10 +116,22 @@ def test_a_linear_outside_the_decoder_pattern_is_named():
         find_roles(gm)
 
 
+def test_wrong_module_names_fall_back_on_the_structure():
+    gm = tiny_graph("llama", layers=2)
+    expected = _roles(gm)
+    up = next(n for n, info in find_roles(gm).items() if info.role == "layers.1.up_proj")
+    up.meta["nn_module_stack"] = {"x": ("model.model.layers.1.mlp.mystery", "Linear")}
+    assert _roles(gm) == expected
+
+
 def test_missing_layer_piece_is_named():
     gm = tiny_graph("llama", layers=2)
     roles = find_roles(gm)
-    up = next(n for n, info in roles.items() if info.role == "layers.1.up_proj")
-    up.meta["nn_module_stack"] = {"x": ("model.model.layers.1.mlp.mystery", "Linear")}
-    with pytest.raises(GraphStructureError, match="decoder layer 1 has no up_proj"):
+    by_role = {info.role: node for node, info in roles.items()}
+    up, norm = by_role["layers.1.up_proj"], by_role["layers.1.post_attention_norm"]
+    up.replace_all_uses_with(up.args[0])  # layer 1's MLP loses its up projection
+    gm.graph.erase_node(up)
+    for node in gm.graph.nodes:
+        node.meta.pop("nn_module_stack", None)
+    with pytest.raises(GraphStructureError, match=f"node %{norm.name}: RMSNorm output feeds 1 linears; expected 3"):
         find_roles(gm)
