@@ -23,3 +23,4 @@ test-slow: setup
 
 bench: setup
 	$(PY) bench/skeleton.py
+	$(PY) bench/rotation.py

@@ -1,0 +1,71 @@
+"""Real SmolLM2-135M end-to-end checks: minutes each, so marked `slow` (`make test-slow`)."""
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from quantnpu.models.corpus import split_tokens, token_windows
+from quantnpu.models.export import export_causal_lm, save_pt2
+from quantnpu.passes import PassManager, default_pipeline
+from quantnpu.passes.annotate_roles import find_roles
+from quantnpu.runtime_harness.perplexity import eager_forward, perplexity
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+SEQ = 128
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from quantnpu.models.smollm2 import load_smollm2
+
+    return load_smollm2()
+
+
+@pytest.fixture(scope="module")
+def windows(smollm2):
+    return token_windows(split_tokens(smollm2[1], "evaluation"), SEQ, 2)
+
+
+@pytest.fixture(scope="module")
+def program(smollm2):
+    return export_causal_lm(smollm2[0], SEQ)
+
+
+def test_exported_graph_has_the_eager_perplexity(smollm2, windows, program):
+    eager = perplexity(eager_forward(smollm2[0]), windows, progress=False)
+    graph = perplexity(PassManager(default_pipeline("none")).run(program.module()), windows, progress=False)
+    assert abs(graph.ppl - eager.ppl) / eager.ppl < 1e-4
+
+
+def test_roles_of_all_30_layers(program):
+    gm = program.module()
+    from_stack = {n.name: i.role for n, i in find_roles(gm).items()}
+    from_structure = {n.name: i.role for n, i in find_roles(gm, use_module_stack=False).items()}
+    assert len(from_stack) == 3 + 30 * 10
+    assert from_stack == from_structure
+
+
+def test_rotated_graph_keeps_logits_and_perplexity(program, windows):
+    plain = PassManager(default_pipeline("none")).run(program.module())
+    rotated = PassManager(default_pipeline("hadamard")).run(program.module())
+    with torch.no_grad():
+        a, b = plain(windows[:1]), rotated(windows[:1])
+    assert ((a - b).abs().max() / a.abs().max()).item() < 1e-4
+    p_plain, p_rotated = perplexity(plain, windows, progress=False), perplexity(rotated, windows, progress=False)
+    assert abs(p_rotated.ppl - p_plain.ppl) / p_plain.ppl < 1e-3
+
+
+def test_main_job_on_the_real_model(program, tmp_path):
+    pt2 = save_pt2(program, tmp_path / "smollm2.pt2")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "lower.py"), str(pt2), "--eval", "--eval-windows", "1", "--calib-windows", "4", "-q"],
+        capture_output=True, text=True, timeout=1800,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ppl = float(result.stdout.strip().splitlines()[-1].split(":")[-1])
+    assert 1 < ppl < 1000, result.stdout  # a working 16a8w SmolLM2 (float is ~60-90 on one window)
