@@ -24,11 +24,11 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from quantnpu.errors import QnnSetupError
+from quantnpu.fileio import atomic_directory
 from quantnpu.paths import cache_dir
 
 LIB_SUBDIR = Path("lib") / "x86_64-linux-clang"
@@ -123,9 +123,7 @@ def prepare_qnn_sdk(bridge: bool | None = None) -> QnnSdk:
     sdk = QnnSdk(root=root, version=version, bridged=bridged)
     if (sdk.lib_dir / "libQnnHtp.so").is_file() and sdk.real_htp.is_file():
         return sdk
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
-    try:
+    with atomic_directory(root) as staging:
         lib_dir = staging / LIB_SUBDIR
         lib_dir.mkdir(parents=True)
         _link_or_copy(wheel / "libQnnHtp.so", lib_dir / sdk.real_htp.name)
@@ -139,12 +137,6 @@ def prepare_qnn_sdk(bridge: bool | None = None) -> QnnSdk:
                     _link_or_copy(runtime, lib_dir / runtime.name)
         if bridged:
             build_bridge(lib_dir / "libQnnHtp.so")
-        if root.exists():
-            shutil.rmtree(root)
-        staging.rename(root)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     return sdk
 
 

