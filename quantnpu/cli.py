@@ -58,7 +58,9 @@ def _lower_parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", "--output", help="the .pte to write (default: <model>.<quant>.pte beside the model)")
     parser.add_argument("--quant", default="16a8w", help=f"quantization config: {', '.join(ET_CONFIGS)} (ExecuTorch's QnnQuantizer)")
     parser.add_argument("--soc", default="SM8650", help="Qualcomm SoC to compile for (default SM8650, Snapdragon 8 Gen 3)")
-    parser.add_argument("--rotate", default="hadamard", help="R1/R2 rotations fused into the weights: hadamard (random Hadamard), random (random orthogonal), none")
+    parser.add_argument("--rotate", default=None, help="R1/R2 rotations fused into the weights: hadamard (random Hadamard; the default, "
+                        "falling back to a random orthogonal matrix with a warning for sizes with no Hadamard construction, "
+                        "which is an error when hadamard is asked for explicitly), random (random orthogonal), none")
     parser.add_argument("--calib-windows", type=int, default=16, help="calibration windows from the Brown calibration split")
     parser.add_argument("--eval", action="store_true", help="also measure perplexity: float graph, fake-quant graph, and the .pte on the HTP simulator")
     parser.add_argument("--eval-windows", type=int, default=2, help="evaluation windows (each takes ~30 s on the simulator for SmolLM2 at 128 tokens)")
@@ -83,6 +85,8 @@ def _lower(args: argparse.Namespace) -> int:
     _check_positive("--calib-windows", args.calib_windows)
     from quantnpu.passes import ROTATIONS
 
+    strict_hadamard = args.rotate == "hadamard"
+    args.rotate = args.rotate or "hadamard"
     if args.rotate not in ROTATIONS:
         raise QuantNpuError(f"unknown rotation {args.rotate!r}: choose one of {', '.join(ROTATIONS)}")
     _check_positive("--eval-windows", args.eval_windows)
@@ -107,7 +111,7 @@ def _lower(args: argparse.Namespace) -> int:
     from quantnpu.passes import PassManager, default_pipeline
     from quantnpu.passes.graph_text import graph_text
 
-    manager = PassManager(default_pipeline(args.rotate), stop_after=args.stop_after, progress=not args.quiet)
+    manager = PassManager(default_pipeline(args.rotate, strict=strict_hadamard), stop_after=args.stop_after, progress=not args.quiet)
     gm = stages.run("passes", lambda: manager.run(program.module()))
     if not args.quiet:
         print(manager.report())

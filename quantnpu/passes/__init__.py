@@ -21,12 +21,13 @@ __all__ = [
 ROTATIONS = ("none", "hadamard", "random")
 
 
-def default_pipeline(rotate: str = "hadamard", seed: int = 0) -> list[GraphPass]:
+def default_pipeline(rotate: str = "hadamard", seed: int = 0, strict: bool = False) -> list[GraphPass]:
     """The passes run before quantization, in order. `rotate` picks R1/R2: random Hadamard,
-    random orthogonal (QR), or none (online rotations are removed in every case)."""
+    random orthogonal (QR), or none (online rotations are removed in every case). `strict`: no QR
+    fallback for a size without a Hadamard construction."""
     if rotate not in ROTATIONS:
         raise QuantNpuError(f"unknown rotation {rotate!r}: choose one of {', '.join(ROTATIONS)}")
     passes: list[GraphPass] = [FoldConstants(), AnnotateRoles(), RemoveOnlineRotations()]
     if rotate != "none":
-        passes += [UntieEmbeddings(), FoldNorms(), FuseRotations(kind=rotate, seed=seed), BakeRotations()]
+        passes += [UntieEmbeddings(), FoldNorms(), FuseRotations(kind=rotate, seed=seed, strict=strict), BakeRotations()]
     return passes

@@ -51,6 +51,32 @@ _LM_HEAD_PATH = re.compile(r"(?:^|\.)lm_head$")
 _NORM_KIND = {"input_layernorm": "input_norm", "post_attention_layernorm": "post_attention_norm"}
 
 
+def is_rotation_linear(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """A bias-free linear whose weight is a constant orthogonal square matrix: an online rotation
+    (QuaRot/SpinQuant style), not a layer of the model."""
+    if node.target != LINEAR or len(node.args) > 2 and node.args[2] is not None:
+        return False
+    weight = node.args[1]
+    if not isinstance(weight, torch.fx.Node) or weight.op != "get_attr":
+        return False
+    value = getattr_path(gm, weight.target)
+    if not isinstance(value, torch.Tensor) or value.dim() != 2 or value.shape[0] != value.shape[1]:
+        return False
+    value = value.detach().double()
+    return bool((value @ value.T - torch.eye(value.shape[0], dtype=torch.float64)).abs().max() < 1e-4)
+
+
+def getattr_path(gm: torch.fx.GraphModule, target: str):
+    value = gm
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _model_linears(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    return [n for n in _compute_nodes(gm) if n.target == LINEAR and not is_rotation_linear(gm, n)]
+
+
 def _module_path(node: torch.fx.Node) -> str | None:
     stack = node.meta.get("nn_module_stack")
     if not stack:
@@ -151,7 +177,7 @@ def _attention_input_index(linear: torch.fx.Node, limit: int = 64) -> int | None
         for user in node.users:
             if user.target == SDPA:
                 return user.args.index(node)
-            if user not in seen and user.target != LINEAR:
+            if user not in seen and (user.target != LINEAR or is_rotation_linear(linear.graph.owning_module, user)):
                 seen.add(user)
                 frontier.append(user)
     return None
@@ -165,7 +191,7 @@ def _roles_from_structure(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, NodeI
     norms = _norm_outputs(gm)
     attention_norms = 0
     for norm in norms:
-        linears = list(dict.fromkeys(u for u in skip_passthrough_forward(norm) if u.target == LINEAR))
+        linears = list(dict.fromkeys(u for u in skip_passthrough_forward(norm) if u.target == LINEAR and not is_rotation_linear(gm, u)))
         if len(linears) == 3:  # attention block: q, k, v
             layer = attention_norms
             attention_norms += 1
@@ -177,7 +203,7 @@ def _roles_from_structure(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, NodeI
                 roles[linear] = layer_role(layer, ("q_proj", "k_proj", "v_proj")[index])
                 sdpa = next(u for u in _bfs_users(linear) if u.target == SDPA)
                 roles[sdpa] = layer_role(layer, "attention")
-                outputs = [u for u in skip_passthrough_forward(sdpa) if u.target == LINEAR]
+                outputs = [u for u in skip_passthrough_forward(sdpa) if u.target == LINEAR and not is_rotation_linear(gm, u)]
                 if len(outputs) != 1:
                     raise GraphStructureError("attention output does not feed exactly one linear (o_proj)", sdpa.name)
                 roles[outputs[0]] = layer_role(layer, "o_proj")
@@ -195,7 +221,7 @@ def _roles_from_structure(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, NodeI
             roles[up] = layer_role(layer, "up_proj")
             products = [u for u in skip_passthrough_forward(up) if u.target == aten.mul.Tensor]
             # the first linear after the gated product (an online rotation may sit between)
-            downs = [next((u for u in _bfs_users(p) if u.target == LINEAR), None) for p in products]
+            downs = [next((u for u in _bfs_users(p) if u.target == LINEAR and not is_rotation_linear(gm, u)), None) for p in products]
             downs = [d for d in downs if d is not None]
             if len(downs) != 1:
                 raise GraphStructureError("gated product does not feed exactly one linear (down_proj)", up.name)
@@ -238,7 +264,7 @@ def _validate(gm: torch.fx.GraphModule, roles: dict[torch.fx.Node, NodeInfo]) ->
         for kind in LAYER_LINEARS + LAYER_NORMS:
             if f"layers.{layer}.{kind}" not in by_role:
                 raise GraphStructureError(f"decoder layer {layer} has no {kind}")
-    unexplained = [n for n in _compute_nodes(gm) if n.target == LINEAR and n not in roles]
+    unexplained = [n for n in _model_linears(gm) if n not in roles]
     if unexplained:
         raise GraphStructureError("linear is not part of any recognised decoder layer or lm_head", unexplained[0].name)
 

@@ -63,8 +63,10 @@ class _Builder:
 class FuseRotations(GraphPass):
     run_after = (AnnotateRoles, UntieEmbeddings, FoldNorms)
 
-    def __init__(self, kind: str = "hadamard", seed: int = 0, r2: bool = True) -> None:
-        self.kind, self.seed, self.r2 = kind, seed, r2
+    def __init__(self, kind: str = "hadamard", seed: int = 0, r2: bool = True, strict: bool = False) -> None:
+        """`strict`: a size with no Hadamard construction is an error rather than a QR fallback
+        (for a user who asked for Hadamard explicitly)."""
+        self.kind, self.seed, self.r2, self.strict = kind, seed, r2, strict
 
     def requires(self, gm: torch.fx.GraphModule) -> None:
         if weighted_norms(gm):
@@ -80,7 +82,7 @@ class FuseRotations(GraphPass):
         graph = gm.graph
         dtype = weight_tensor(gm, by_role["lm_head"].args[1]).dtype
         first = next(iter(graph.nodes))
-        r1 = self._parameter(gm, graph, first, R1_NAME, rotation_matrix(dims.hidden, self.kind, self.seed), dtype)
+        r1 = self._parameter(gm, graph, first, R1_NAME, rotation_matrix(dims.hidden, self.kind, self.seed, self.strict), dtype)
 
         embedding = by_role["embedding"]
         build = _Builder(gm, embedding)
@@ -89,7 +91,7 @@ class FuseRotations(GraphPass):
         for layer in range(dims.layers):
             r2 = None
             if self.r2:
-                matrix = rotation_matrix(dims.head_dim, self.kind, self.seed + 1 + layer)
+                matrix = rotation_matrix(dims.head_dim, self.kind, self.seed + 1 + layer, self.strict)
                 r2 = self._parameter(gm, graph, first, f"{R2_PREFIX}{layer}", matrix, dtype)
             for kind in LAYER_LINEARS:
                 linear = by_role[f"layers.{layer}.{kind}"]

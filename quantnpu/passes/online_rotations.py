@@ -1,7 +1,8 @@
 """RemoveOnlineRotations: delete the online Hadamards R3/R4 of a SpinQuant/QuaRot-style graph.
 
 An NPU program has no online rotation. Recognised rotations `x -> x M` (M orthogonal):
-- `matmul`/`mm` of an activation with a constant square matrix;
+- `matmul`/`mm` of an activation with a constant square matrix, or a bias-free `linear` with one
+  (then M is the weight's transpose);
 - ExecuTorch's `llama.fast_hadamard_transform` custom op (its matrix is read by applying it to I).
 Positions:
 - R4, on down_proj's input: deleted, and down_proj compensated `W <- W M^T` (the other half of
@@ -19,7 +20,7 @@ import torch
 import torch.fx
 
 from quantnpu.errors import GraphStructureError
-from quantnpu.passes.annotate_roles import PASSTHROUGH, AnnotateRoles, DecoderDims
+from quantnpu.passes.annotate_roles import PASSTHROUGH, AnnotateRoles, DecoderDims, is_rotation_linear
 from quantnpu.passes.base import GraphPass, PassResult
 from quantnpu.passes.fold_constants import input_independent_nodes
 from quantnpu.passes.meta import node_info, nodes_by_role
@@ -42,6 +43,8 @@ def rotation_matrix_of(gm: torch.fx.GraphModule, node: torch.fx.Node, constant: 
             value = weight_tensor(gm, other)
             if value.dim() == 2 and value.shape[0] == value.shape[1]:
                 matrix = value.to(torch.float64)
+    elif node.target == aten.linear.default and is_rotation_linear(gm, node):
+        matrix = weight_tensor(gm, node.args[1]).to(torch.float64).T
     elif str(node.target) == FAST_HADAMARD:
         value = node.args[0].meta.get("val")
         if value is not None:
@@ -119,13 +122,14 @@ class InsertOnlineRotations(GraphPass):
     """QuaRot-style online R3 (query/key after RoPE) and R4 (down_proj input), function-preserving.
 
     `use_custom_op` puts ExecuTorch's `llama.fast_hadamard_transform` at R4 (power-of-two
-    intermediate sizes only) instead of a matmul with a random Hadamard.
+    intermediate sizes only) instead of a matmul with a random Hadamard; `as_linear` writes R4
+    as a bias-free linear instead of a matmul.
     """
 
     run_after = (AnnotateRoles,)
 
-    def __init__(self, seed: int = 0, use_custom_op: bool = False) -> None:
-        self.seed, self.use_custom_op = seed, use_custom_op
+    def __init__(self, seed: int = 0, use_custom_op: bool = False, as_linear: bool = False) -> None:
+        self.seed, self.use_custom_op, self.as_linear = seed, use_custom_op, as_linear
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         dims = DecoderDims(gm)
@@ -143,11 +147,18 @@ class InsertOnlineRotations(GraphPass):
             r4 = None
         else:
             r4_matrix = random_hadamard(intermediate, self.seed + 1)
-            r4 = self._buffer(gm, first, "quantnpu_online_R4", r4_matrix.to(dtype))
+            # as a linear, the stored weight is M^T (linear(x, M^T) = x M)
+            stored = r4_matrix.T if self.as_linear else r4_matrix
+            r4 = self._buffer(gm, first, "quantnpu_online_R4", stored.to(dtype).contiguous())
         for layer in range(dims.layers):
             down = by_role[f"layers.{layer}.down_proj"]
             with graph.inserting_before(down):
-                rotated = graph.call_function(op, (down.args[0],)) if r4 is None else graph.call_function(aten.matmul.default, (down.args[0], r4))
+                if r4 is None:
+                    rotated = graph.call_function(op, (down.args[0],))
+                elif self.as_linear:
+                    rotated = graph.call_function(aten.linear.default, (down.args[0], r4))
+                else:
+                    rotated = graph.call_function(aten.matmul.default, (down.args[0], r4))
             rotated.meta["val"] = down.args[0].meta.get("val")
             down.update_arg(0, rotated)
             weight = weight_tensor(gm, down.args[1])

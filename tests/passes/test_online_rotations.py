@@ -34,10 +34,11 @@ def test_removes_r3_on_query_and_key_and_r4_on_down_proj_input():
     """)
 
 
-@pytest.mark.parametrize("use_custom_op", [False, True], ids=["matmul", "executorch-fast-hadamard"])
-def test_removal_restores_the_function_and_the_weights(use_custom_op):
+@pytest.mark.parametrize("form", ["matmul", "linear", "executorch-fast-hadamard"])
+def test_removal_restores_the_function_and_the_weights(form):
+    use_custom_op = form == "executorch-fast-hadamard"
     original = as_float64(_annotated(layers=2))
-    with_online = run_passes(copy.deepcopy(original), [InsertOnlineRotations(seed=5, use_custom_op=use_custom_op)])
+    with_online = run_passes(copy.deepcopy(original), [InsertOnlineRotations(seed=5, use_custom_op=use_custom_op, as_linear=form == "linear")])
     ids = torch.randint(0, 128, (1, 8))
     expected = original(ids)
     assert not torch.equal(_param(with_online, "model.model.layers.0.mlp.down_proj.weight"), _param(original, "model.model.layers.0.mlp.down_proj.weight"))
@@ -51,13 +52,15 @@ def test_removal_restores_the_function_and_the_weights(use_custom_op):
     assert "aten.matmul.default" not in remaining and "llama.fast_hadamard_transform.default" not in remaining
 
 
-def test_roles_are_found_through_online_rotations_without_module_metadata():
-    gm = run_passes(_annotated(layers=2), [InsertOnlineRotations()])
+@pytest.mark.parametrize("as_linear", [False, True], ids=["matmul", "linear"])
+def test_roles_are_found_through_online_rotations_without_module_metadata(as_linear):
+    gm = run_passes(_annotated(layers=2), [InsertOnlineRotations(as_linear=as_linear)])
     for node in gm.graph.nodes:
         node.meta.pop("nn_module_stack", None)
         node.meta.pop("quantnpu", None)
     removed = run_passes(gm, [AnnotateRoles(), RemoveOnlineRotations()])
     assert "aten.matmul.default" not in {str(n.target) for n in removed.graph.nodes}
+    assert sum(n.target == torch.ops.aten.linear.default for n in removed.graph.nodes) == 2 * 7 + 1
 
 
 def test_rotation_on_query_only_is_an_error():

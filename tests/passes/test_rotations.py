@@ -188,3 +188,13 @@ def test_rotation_is_exact_for_any_head_layout(layers, kv_heads, group, head_dim
         rotated = run_passes(copy.deepcopy(gm), [UntieEmbeddings(), FoldNorms(), FuseRotations(seed=seed), BakeRotations()])
     ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(seed))
     assert _relative(rotated(ids), gm(ids)) < 1e-6
+
+
+def test_size_without_hadamard_falls_back_to_qr_unless_hadamard_was_asked_for():
+    gm = run_passes(_annotated(hidden=92, heads=2, kv_heads=1), [UntieEmbeddings(), FoldNorms()])  # 92, 46: no construction
+    with pytest.raises(PassFailedError, match="pass FuseRotations failed: no Hadamard construction for order 92"):
+        run_passes(copy.deepcopy(gm), [FuseRotations(strict=True)])
+    with pytest.warns(UserWarning, match="no Hadamard matrix of order 92"):
+        fused = run_passes(copy.deepcopy(gm), [FuseRotations()])
+    R1 = fused.quantnpu_R1.double()
+    assert torch.allclose(R1 @ R1.T, torch.eye(92, dtype=torch.float64), atol=1e-6)
