@@ -91,11 +91,16 @@ def _lower(args: argparse.Namespace) -> int:
         raise QuantNpuError(f"unknown rotation {args.rotate!r}: choose one of {', '.join(ROTATIONS)}")
     _check_positive("--eval-windows", args.eval_windows)
     model_path = Path(args.model)
+    output = Path(args.output) if args.output else model_path.with_name(f"{model_path.stem}.{args.quant}.pte")
+    if output.suffix != ".pte":
+        raise QuantNpuError(f"{output}: the output must end in .pte")
     from quantnpu.models.export import load_pt2, token_input_spec
 
     stages = _Stages(args.quiet)
     program = stages.run("load", lambda: load_pt2(model_path))
     batch, seq_len = token_input_spec(program, model_path)
+    if args.eval and batch != 1:
+        raise QuantNpuError(f"{model_path}: --eval needs a batch-1 program, this one has batch {batch}")
 
     import torch  # noqa: F401  (after the cheap checks above)
 
@@ -104,9 +109,6 @@ def _lower(args: argparse.Namespace) -> int:
 
     soc_model(args.soc)  # validates the name
     sdk = qnn_sdk.activate(qnn_sdk.prepare_qnn_sdk())
-    output = Path(args.output) if args.output else model_path.with_name(f"{model_path.stem}.{args.quant}.pte")
-    if output.suffix != ".pte":
-        raise QuantNpuError(f"{output}: the output must end in .pte")
 
     from quantnpu.passes import PassManager, default_pipeline
     from quantnpu.passes.graph_text import graph_text
@@ -146,8 +148,6 @@ def _lower(args: argparse.Namespace) -> int:
         "outside_delegates": lowered.outside_delegates, "pte_bytes": lowered.size_bytes,
     }
     if args.eval:
-        if batch != 1:
-            raise QuantNpuError(f"{model_path}: --eval needs a batch-1 program, this one has batch {batch}")
         from quantnpu.runtime_harness.perplexity import perplexity
         from quantnpu.runtime_harness.pte import PteModel
 
