@@ -36,6 +36,10 @@ def soc_model(name: str):
 
 def make_et_quantizer(config: str, gm: torch.fx.GraphModule, soc: str = "SM8650", block_size: int = 32):
     """A configured ExecuTorch `QnnQuantizer` for `gm` (the block map names gm's linear nodes)."""
+    from quantnpu.lowering import qnn_sdk
+
+    # Before ExecuTorch's QNN code runs: without QNN_SDK_ROOT it tries to download an SDK.
+    qnn_sdk.activate()
     from executorch.backends.qualcomm.quantizer.quantizer import QnnQuantizer, QuantDtype
 
     dtypes = {
