@@ -63,6 +63,8 @@ def is_rotation_linear(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     if not isinstance(value, torch.Tensor) or value.dim() != 2 or value.shape[0] != value.shape[1]:
         return False
     value = value.detach().double()
+    if (value.pow(2).sum(1) - 1).abs().max() > 1e-4:  # cheap: an orthogonal matrix has unit rows
+        return False
     return bool((value @ value.T - torch.eye(value.shape[0], dtype=torch.float64)).abs().max() < 1e-4)
 
 
@@ -71,10 +73,6 @@ def getattr_path(gm: torch.fx.GraphModule, target: str):
     for part in target.split("."):
         value = getattr(value, part)
     return value
-
-
-def _model_linears(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
-    return [n for n in _compute_nodes(gm) if n.target == LINEAR and not is_rotation_linear(gm, n)]
 
 
 def _module_path(node: torch.fx.Node) -> str | None:
@@ -264,7 +262,7 @@ def _validate(gm: torch.fx.GraphModule, roles: dict[torch.fx.Node, NodeInfo]) ->
         for kind in LAYER_LINEARS + LAYER_NORMS:
             if f"layers.{layer}.{kind}" not in by_role:
                 raise GraphStructureError(f"decoder layer {layer} has no {kind}")
-    unexplained = [n for n in _model_linears(gm) if n not in roles]
+    unexplained = [n for n in _compute_nodes(gm) if n.target == LINEAR and n not in roles and not is_rotation_linear(gm, n)]
     if unexplained:
         raise GraphStructureError("linear is not part of any recognised decoder layer or lm_head", unexplained[0].name)
 

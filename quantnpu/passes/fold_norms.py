@@ -16,7 +16,7 @@ from quantnpu.passes.annotate_roles import AnnotateRoles, skip_passthrough_forwa
 from quantnpu.passes.base import GraphPass, PassResult
 from quantnpu.passes.meta import node_info, nodes_by_role, set_node_info
 from quantnpu.passes.untie_embeddings import UntieEmbeddings
-from quantnpu.passes.weights import replace_weight, same_storage, weight_tensor
+from quantnpu.passes.weights import replace_weight, weight_tensor
 
 NORM_CONSUMERS = {
     "input_norm": ("q_proj", "k_proj", "v_proj"),
@@ -48,6 +48,10 @@ class FoldNorms(GraphPass):
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         by_role = nodes_by_role(gm)
+        readers_by_storage: dict[int, list[torch.fx.Node]] = {}
+        for node in gm.graph.nodes:
+            if node.op == "get_attr" and isinstance(value := weight_tensor(gm, node), torch.Tensor):
+                readers_by_storage.setdefault(value.untyped_storage().data_ptr(), []).extend(node.users)
         folded = False
         for norm in weighted_norms(gm):
             info = node_info(norm)
@@ -64,7 +68,7 @@ class FoldNorms(GraphPass):
                 raise GraphStructureError(f"{info.role} output is also read by %{other.name}; cannot fold its weight", norm.name)
             for linear in consumers:
                 weight = weight_tensor(gm, linear.args[1])
-                self._check_not_shared(gm, linear)
+                self._check_not_shared(gm, linear, readers_by_storage)
                 replace_weight(gm, linear.args[1].target, weight.to(torch.float64) * gamma)
             norm.replace_all_uses_with(normalized)
             set_node_info(normalized, info)
@@ -74,17 +78,13 @@ class FoldNorms(GraphPass):
         return PassResult(gm, folded)
 
     @staticmethod
-    def _check_not_shared(gm: torch.fx.GraphModule, linear: torch.fx.Node) -> None:
+    def _check_not_shared(gm: torch.fx.GraphModule, linear: torch.fx.Node, readers_by_storage: dict) -> None:
         """Folding gamma into a weight another node also reads would change that node too."""
-        weight_node = linear.args[1]
-        other_readers = [u for u in weight_node.users if u is not linear]
-        weight = weight_tensor(gm, weight_node)
-        for node in gm.graph.nodes:
-            if node.op == "get_attr" and node is not weight_node and node.users and same_storage(weight_tensor(gm, node), weight):
-                other_readers.extend(node.users)
-        if other_readers:
+        weight = weight_tensor(gm, linear.args[1])
+        others = [u for u in readers_by_storage[weight.untyped_storage().data_ptr()] if u is not linear]
+        if others:
             raise GraphStructureError(
-                f"the weight of {node_info(linear).role} is shared with %{other_readers[0].name}; run UntieEmbeddings first", linear.name)
+                f"the weight of {node_info(linear).role} is shared with %{others[0].name}; run UntieEmbeddings first", linear.name)
 
     def ensures(self, gm: torch.fx.GraphModule) -> None:
         left = weighted_norms(gm)
