@@ -19,6 +19,20 @@ def _annotated(layers=1):
     return run_passes(tiny_graph("llama", layers=layers), [FoldConstants(), AnnotateRoles()])
 
 
+def test_insert_puts_r3_before_attention_and_r4_before_down_proj():
+    assert_pass_diff(_annotated(), [InsertOnlineRotations()], """
+        +%quantnpu_online_r3: f32[16,16] = get_attr quantnpu_online_R3
+        +%quantnpu_online_r4: f32[128,128] = get_attr quantnpu_online_R4
+        -%scaled_dot_product_attention: f32[1,4,8,16] = aten.scaled_dot_product_attention(%add_4, %reshape, %reshape_1, %_folded_expand_1, scale=0.25)  # role=layers.0.attention
+        +%matmul_default_1: f32[1,4,8,16] = aten.matmul(%add_4, %quantnpu_online_r3)
+        +%matmul_default_2: f32[1,4,8,16] = aten.matmul(%reshape, %quantnpu_online_r3)
+        +%scaled_dot_product_attention: f32[1,4,8,16] = aten.scaled_dot_product_attention(%matmul_default_1, %matmul_default_2, %reshape_1, %_folded_expand_1, scale=0.25)  # role=layers.0.attention
+        -%linear_6: f32[1,8,64] = aten.linear(%mul_11, %model_model_layers_0_mlp_down_proj_weight)  # role=layers.0.down_proj
+        +%matmul_default: f32[1,8,128] = aten.matmul(%mul_11, %quantnpu_online_r4)
+        +%linear_6: f32[1,8,64] = aten.linear(%matmul_default, %model_model_layers_0_mlp_down_proj_weight)  # role=layers.0.down_proj
+    """)
+
+
 def test_removes_r3_on_query_and_key_and_r4_on_down_proj_input():
     gm = run_passes(_annotated(), [InsertOnlineRotations()])
     assert_pass_diff(gm, [RemoveOnlineRotations()], """
