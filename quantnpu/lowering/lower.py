@@ -16,10 +16,8 @@ from tqdm import tqdm
 from quantnpu.errors import DelegationError
 from quantnpu.fileio import atomic_path
 from quantnpu.lowering import qnn_sdk
+from quantnpu.passes.integer_only import quantize_kind
 
-# What may run outside a delegate: the delegate call itself, unpacking its outputs, and the
-# quantize of graph inputs / dequantize of graph outputs.
-_BOUNDARY_OPS = ("quantize_per_tensor", "dequantize_per_tensor", "quantize_per_channel", "dequantize_per_channel")
 
 
 def calibrate_and_convert(
@@ -58,7 +56,8 @@ def non_delegated_ops(program) -> list[str]:
         target_name = str(node.target)
         if node.target is operator.getitem or "executorch_call_delegate" in target_name:
             continue
-        if any(op in target_name for op in _BOUNDARY_OPS) and _is_io_boundary(node):
+        # the quantize of a graph input and the dequantize of a graph output may stay on the CPU
+        if quantize_kind(node) is not None and _is_io_boundary(node):
             continue
         left.append(f"{node.name} ({target_name})")
     return left

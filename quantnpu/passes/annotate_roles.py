@@ -26,6 +26,7 @@ import torch.fx
 
 from quantnpu.errors import GraphStructureError
 from quantnpu.passes.base import GraphPass, PassResult
+from quantnpu.passes.fold_constants import EXPORT_ASSERTS, fetch_attr
 from quantnpu.passes.meta import (
     LAYER_LINEARS, LAYER_NORMS, MODEL_ROLES, NodeInfo, layer_role, model_role, node_info, set_node_info,
 )
@@ -59,20 +60,13 @@ def is_rotation_linear(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     weight = node.args[1]
     if not isinstance(weight, torch.fx.Node) or weight.op != "get_attr":
         return False
-    value = getattr_path(gm, weight.target)
+    value = fetch_attr(gm, weight.target)
     if not isinstance(value, torch.Tensor) or value.dim() != 2 or value.shape[0] != value.shape[1]:
         return False
     value = value.detach().double()
     if (value.pow(2).sum(1) - 1).abs().max() > 1e-4:  # cheap: an orthogonal matrix has unit rows
         return False
     return bool((value @ value.T - torch.eye(value.shape[0], dtype=torch.float64)).abs().max() < 1e-4)
-
-
-def getattr_path(gm: torch.fx.GraphModule, target: str):
-    value = gm
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
 
 
 def _module_path(node: torch.fx.Node) -> str | None:
@@ -117,12 +111,9 @@ def _roles_from_module_stack(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, No
 
 # ---- structural fallback -------------------------------------------------------------------
 
-_ASSERTS = {aten._assert_tensor_metadata.default, aten._assert_scalar.default}
-
-
 def _data_users(node: torch.fx.Node) -> list[torch.fx.Node]:
     """Users that consume the value (export's metadata assertions do not)."""
-    return [u for u in node.users if u.target not in _ASSERTS]
+    return [u for u in node.users if u.target not in EXPORT_ASSERTS]
 
 
 def skip_passthrough_forward(node: torch.fx.Node) -> list[torch.fx.Node]:

@@ -20,7 +20,8 @@ from torch.fx.node import map_arg
 from quantnpu.passes.base import GraphPass, PassResult
 
 aten = torch.ops.aten
-_ASSERTS = {aten._assert_tensor_metadata.default, aten._assert_scalar.default}
+# Metadata assertions torch.export leaves in the graph: they consume no value.
+EXPORT_ASSERTS = {aten._assert_tensor_metadata.default, aten._assert_scalar.default}
 _NONDETERMINISTIC = {aten.rand.default, aten.randn.default, aten.randint.default, aten.dropout.default,
                      aten.bernoulli.default, aten.normal.Tensor_float, aten.empty.memory_format}
 
@@ -78,7 +79,7 @@ class FoldConstants(GraphPass):
         values = evaluate_nodes(gm, foldable)
         graph = gm.graph
         for node in list(graph.nodes):
-            if node in foldable and node.target in _ASSERTS:
+            if node in foldable and node.target in EXPORT_ASSERTS:
                 graph.erase_node(node)  # it held while folding (evaluation above would have raised)
         boundary = [
             n for n in graph.nodes

@@ -20,13 +20,15 @@ import torch.fx
 
 from quantnpu.errors import GraphStructureError
 from quantnpu.passes.base import GraphPass, PassResult
+from quantnpu.passes.fold_constants import EXPORT_ASSERTS
 
 _QUANTIZE = ("quantize_per_tensor", "quantize_per_channel")
 _DEQUANTIZE = ("dequantize_per_tensor", "dequantize_per_channel")
-_IGNORED = {operator.getitem, torch.ops.aten._assert_tensor_metadata.default}
+_IGNORED = {operator.getitem} | EXPORT_ASSERTS
 
 
-def _kind(node: torch.fx.Node) -> str | None:
+def quantize_kind(node: torch.fx.Node) -> str | None:
+    """'quantize', 'dequantize', or None for any other node."""
     name = str(node.target)
     if any(q in name for q in _DEQUANTIZE):
         return "dequantize"
@@ -46,7 +48,7 @@ def integer_only_violations(gm: torch.fx.GraphModule) -> list[str]:
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target in _IGNORED:
             continue
-        kind = _kind(node)
+        kind = quantize_kind(node)
         if kind is not None:
             dynamic = [a for a in node.args[1:3] if isinstance(a, torch.fx.Node) and a.op != "get_attr"]
             if dynamic:
@@ -57,12 +59,12 @@ def integer_only_violations(gm: torch.fx.GraphModule) -> list[str]:
                 continue
             if arg.op == "placeholder" and not _is_float(arg):
                 continue
-            if _kind(arg) == "dequantize":
+            if quantize_kind(arg) == "dequantize":
                 continue
             violations.append(f"%{node.name}: reads float %{arg.name} that is not a dequantized tensor")
             break
         if _is_float(node):
-            bad = [u for u in node.users if u.target not in _IGNORED and _kind(u) != "quantize"]
+            bad = [u for u in node.users if u.target not in _IGNORED and quantize_kind(u) != "quantize"]
             if bad:
                 violations.append(f"%{node.name}: float output used by %{bad[0].name} without being quantized")
     return violations
