@@ -2,9 +2,9 @@
 PY := .venv/bin/python
 BUILD := build
 SEQ := 128
-QUANT := 16a8w
+BITS := 8-8-8
 PT2 := $(BUILD)/smollm2-135m-s$(SEQ).pt2
-PTE := $(BUILD)/smollm2-135m-s$(SEQ).$(QUANT).pte
+PTE := $(BUILD)/smollm2-135m-s$(SEQ).quantnpu-$(BITS).pte
 
 .PHONY: setup run test test-slow bench
 
@@ -13,7 +13,7 @@ setup:
 
 run: setup
 	$(PY) tools/export.py --model smollm2 --seq-len $(SEQ) -o $(PT2)
-	$(PY) tools/lower.py $(PT2) -o $(PTE) --quant $(QUANT) --eval
+	$(PY) tools/lower.py $(PT2) -o $(PTE) --bits $(BITS) --eval
 
 test: setup
 	$(PY) -m pytest -q
@@ -24,3 +24,4 @@ test-slow: setup
 bench: setup
 	$(PY) bench/skeleton.py
 	$(PY) bench/rotation.py
+	$(PY) bench/static.py

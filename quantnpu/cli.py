@@ -56,7 +56,12 @@ def _lower_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("model", help="a .pt2 written by torch.export.save (e.g. by quantnpu-export)")
     parser.add_argument("-o", "--output", help="the .pte to write (default: <model>.<quant>.pte beside the model)")
-    parser.add_argument("--quant", default="16a8w", help=f"quantization config: {', '.join(ET_CONFIGS)} (ExecuTorch's QnnQuantizer)")
+    parser.add_argument("--quant", default="quantnpu", help="quantnpu (static encodings from the bit plan, QuantNpuQuantizer; the default) "
+                        f"or ExecuTorch's QnnQuantizer for comparison: {', '.join('et-' + c for c in ET_CONFIGS)}")
+    parser.add_argument("--bits", default="4-8-8", help="quantnpu bit plan W-A-KV: 8-8-8, 4-8-8 (default) or 4-4-8 (4-bit activations are fake-quant only)")
+    parser.add_argument("--override", action="append", default=[], metavar="PATTERN=BITS",
+                        help="bit plan override, repeatable, e.g. '*.down_proj.input=16' (patterns match tensor labels and node names)")
+    parser.add_argument("--encodings", help="write the encodings (AIMET-style JSON) to this file")
     parser.add_argument("--soc", default="SM8650", help="Qualcomm SoC to compile for (default SM8650, Snapdragon 8 Gen 3)")
     parser.add_argument("--rotate", default=None, help="R1/R2 rotations fused into the weights: hadamard (random Hadamard; the default, "
                         "falling back to a random orthogonal matrix with a warning for sizes with no Hadamard construction, "
@@ -77,11 +82,28 @@ def _check_positive(name: str, value: int) -> None:
         raise QuantNpuError(f"{name} must be a positive number, got {value}")
 
 
-def _lower(args: argparse.Namespace) -> int:
+def _quant_choices() -> list[str]:
     from quantnpu.quantizers.et_qnn import ET_CONFIGS
 
-    if args.quant not in ET_CONFIGS:
-        raise QuantNpuError(f"unknown quantization config {args.quant!r}: choose one of {', '.join(ET_CONFIGS)}")
+    return ["quantnpu"] + [f"et-{c}" for c in ET_CONFIGS]
+
+
+def _lower(args: argparse.Namespace) -> int:
+    if args.quant not in _quant_choices():
+        raise QuantNpuError(f"unknown quantization config {args.quant!r}: choose one of {', '.join(_quant_choices())}")
+    plan = None
+    if args.quant == "quantnpu":
+        from quantnpu.quantizers.bit_plan import BitPlan
+
+        plan = BitPlan.parse(args.bits, args.override)
+        low_activation = [p for p, bits in plan.overrides if bits < 8 and not p.endswith(".weight")]
+        if plan.activations < 8 or low_activation:
+            raise QuantNpuError(f"--bits {plan.name}: QNN HTP runs 8- and 16-bit activations only; "
+                                "4-bit activations can be evaluated as fake-quant (bench/static.py), not lowered")
+    elif args.bits != "4-8-8" or args.override:
+        raise QuantNpuError("--bits/--override belong to --quant quantnpu")
+    if args.encodings and plan is None:
+        raise QuantNpuError("--encodings needs --quant quantnpu")
     _check_positive("--calib-windows", args.calib_windows)
     from quantnpu.passes import ROTATIONS
 
@@ -91,7 +113,8 @@ def _lower(args: argparse.Namespace) -> int:
         raise QuantNpuError(f"unknown rotation {args.rotate!r}: choose one of {', '.join(ROTATIONS)}")
     _check_positive("--eval-windows", args.eval_windows)
     model_path = Path(args.model)
-    output = Path(args.output) if args.output else model_path.with_name(f"{model_path.stem}.{args.quant}.pte")
+    label = f"quantnpu-{plan.name.split()[0]}" if plan is not None else args.quant
+    output = Path(args.output) if args.output else model_path.with_name(f"{model_path.stem}.{label}.pte")
     if output.suffix != ".pte":
         raise QuantNpuError(f"{output}: the output must end in .pte")
     from quantnpu.models.export import load_pt2, token_input_spec
@@ -105,7 +128,7 @@ def _lower(args: argparse.Namespace) -> int:
     import torch  # noqa: F401  (after the cheap checks above)
 
     from quantnpu.lowering import qnn_sdk
-    from quantnpu.quantizers.et_qnn import make_et_quantizer, soc_model
+    from quantnpu.quantizers.et_qnn import soc_model
 
     soc_model(args.soc)  # validates the name
     sdk = qnn_sdk.activate(qnn_sdk.prepare_qnn_sdk())
@@ -132,10 +155,13 @@ def _lower(args: argparse.Namespace) -> int:
 
     calibration = token_windows(split_tokens(tokenizer, "calibration"), seq_len, args.calib_windows * batch)
     batches = list(calibration.reshape(-1, batch, seq_len))
-    from quantnpu.lowering.lower import calibrate_and_convert, lower_to_qnn
+    from quantnpu.lowering.lower import lower_to_qnn
 
-    quantizer = make_et_quantizer(args.quant, gm, args.soc)
-    quantized = stages.run("calibrate+convert", lambda: calibrate_and_convert(gm, quantizer, batches, progress=not args.quiet))
+    if plan is None:
+        fake_quant = quantized = stages.run("calibrate+convert", lambda: _et_quantize(args, gm, batches))
+        extra = {}
+    else:
+        fake_quant, quantized, extra = stages.run("calibrate+convert", lambda: _quantnpu_quantize(args, plan, gm, batches))
     lowered = stages.run("lower", lambda: lower_to_qnn(quantized, (batches[0],), output, args.soc, args.allow_cpu_ops))
     print(f"wrote {lowered.pte_path} ({lowered.size_bytes / 2**20:.1f} MiB, {lowered.delegates} QNN delegate(s)"
           + (f", {len(lowered.outside_delegates)} op(s) on CPU" if lowered.outside_delegates else "") + ")")
@@ -144,7 +170,7 @@ def _lower(args: argparse.Namespace) -> int:
         "tool": "quantnpu-lower", "model": str(model_path), "pte": str(lowered.pte_path),
         "quant": args.quant, "rotate": args.rotate, "soc": args.soc, "seq_len": seq_len, "batch": batch,
         "calibration": {"split": "brown calibration", "windows": args.calib_windows},
-        "qnn_sdk": str(sdk.root), "delegates": lowered.delegates,
+        "qnn_sdk": str(sdk.root), "delegates": lowered.delegates, **extra,
         "outside_delegates": lowered.outside_delegates, "pte_bytes": lowered.size_bytes,
     }
     if args.eval:
@@ -155,7 +181,7 @@ def _lower(args: argparse.Namespace) -> int:
         progress = not args.quiet
         results = {
             "float_graph": stages.run("eval float", lambda: perplexity(gm, windows, "float graph", progress)),
-            "fake_quant": stages.run("eval fake-quant", lambda: perplexity(quantized, windows, "fake-quant", progress)),
+            "fake_quant": stages.run("eval fake-quant", lambda: perplexity(fake_quant, windows, "fake-quant", progress)),
             "pte_htp_simulator": stages.run("eval .pte", lambda: perplexity(PteModel(lowered.pte_path), windows, ".pte on HTP simulator", progress)),
         }
         record["evaluation"] = {"split": "brown evaluation", "windows": args.eval_windows,
@@ -171,6 +197,40 @@ def _lower(args: argparse.Namespace) -> int:
     if args.eval:
         print(f"ppl on the HTP simulator: {results['pte_htp_simulator'].ppl:.3f}")
     return 0
+
+
+def _et_quantize(args: argparse.Namespace, gm, batches):
+    from quantnpu.lowering.lower import calibrate_and_convert
+    from quantnpu.quantizers.et_qnn import make_et_quantizer
+
+    quantizer = make_et_quantizer(args.quant.removeprefix("et-"), gm, args.soc)
+    return calibrate_and_convert(gm, quantizer, batches, progress=not args.quiet)
+
+
+def _quantnpu_quantize(args: argparse.Namespace, plan, gm, batches):
+    """Stage-two static encodings: the fake-quant graph, the converted Q/DQ graph, record fields."""
+    import copy
+
+    from quantnpu.passes import PassManager, static_quantization_passes
+    from quantnpu.passes.integer_only import IntegerOnlyCheck
+    from quantnpu.passes.static_observers import encodings_by_tensor
+    from quantnpu.quantizers.encodings import write_encodings
+    from quantnpu.quantizers.quantnpu_quantizer import quantize_with_encodings
+
+    passes = static_quantization_passes(plan, batches, args.soc, progress=not args.quiet)
+    fake_quant = PassManager(passes).run(copy.deepcopy(gm))  # gm stays the float graph
+    deviations = passes[1].deviations
+    if deviations and not args.quiet:
+        print(f"HTP legalization raised {len(deviations)} bit width(s) of the plan, e.g. {deviations[0]}")
+    quantized = quantize_with_encodings(fake_quant, args.soc)
+    IntegerOnlyCheck()(quantized)
+    activations, params = encodings_by_tensor(fake_quant)
+    extra = {"bits": plan.name, "htp_deviations": deviations,
+             "encodings": {"activations": len(activations), "params": len(params)}}
+    if args.encodings:
+        extra["encodings_file"] = str(write_encodings(args.encodings, activations, params))
+        print(f"encodings: {args.encodings} ({len(activations)} activations, {len(params)} parameters)")
+    return fake_quant, quantized, extra
 
 
 def _tokenizer(directory: str | None):

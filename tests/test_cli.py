@@ -1,5 +1,6 @@
 """tools/lower.py as a user runs it: one-line errors for bad input, and nothing half-written."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ import torch
 
 from quantnpu.models.export import export_causal_lm, save_pt2
 from quantnpu.models.tiny import tiny_llama
+from quantnpu.quantizers.encodings import read_encodings
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOLLM2_VOCAB = 49152
@@ -70,7 +72,15 @@ def test_graph_without_decoder_structure(tmp_path):
 
 
 def test_unknown_config(tiny_pt2):
-    _assert_one_line_error(_lower(tiny_pt2, "--quant", "3a3w"), r"unknown quantization config '3a3w': choose one of 8a8w, 16a8w")
+    _assert_one_line_error(_lower(tiny_pt2, "--quant", "3a3w"), r"unknown quantization config '3a3w': choose one of quantnpu, et-8a8w, et-16a8w")
+
+
+def test_bad_bit_plans(tiny_pt2):
+    _assert_one_line_error(_lower(tiny_pt2, "--bits", "8-8"), r"bit plan '8-8': write it W-A-KV, e.g. 4-8-8")
+    _assert_one_line_error(_lower(tiny_pt2, "--bits", "8-6-8"), r"bit plan: A must be one of \(4, 8, 16\), got 6")
+    _assert_one_line_error(_lower(tiny_pt2, "--bits", "4-4-8"), r"--bits 4-4-8: QNN HTP runs 8- and 16-bit activations only")
+    _assert_one_line_error(_lower(tiny_pt2, "--override", "*.q_proj.input"), r"override '\*\.q_proj\.input': write it pattern=bits")
+    _assert_one_line_error(_lower(tiny_pt2, "--quant", "et-16a8w", "--bits", "8-8-8"), r"--bits/--override belong to --quant quantnpu")
 
 
 def test_unknown_soc(tiny_pt2):
@@ -86,12 +96,20 @@ def test_qnn_libraries_missing(tmp_path, tiny_pt2):
 
 def test_end_to_end_on_a_tiny_model(tmp_path, tiny_pt2):
     output = tmp_path / "tiny.pte"
-    result = _lower(tiny_pt2, "-o", output, "--calib-windows", "2", "--eval", "--eval-windows", "1", "-q")
+    encodings = tmp_path / "encodings.json"
+    result = _lower(tiny_pt2, "-o", output, "--calib-windows", "2", "--eval", "--eval-windows", "1", "-q",
+                    "--encodings", encodings)
     assert result.returncode == 0, result.stdout + result.stderr
     assert output.is_file() and output.with_suffix(".json").is_file()
     assert f".pte: {output}" in result.stdout
     assert "ppl on the HTP simulator:" in result.stdout.splitlines()[-1]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.json", "tiny.pte"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["encodings.json", "tiny.json", "tiny.pte"]
+    record = json.loads(output.with_suffix(".json").read_text())
+    assert record["quant"] == "quantnpu" and record["bits"] == "4-8-8" and record["outside_delegates"] == []
+    activations, params = read_encodings(encodings)
+    weights = [e for name, e in params.items() if name.endswith("q_proj.weight")]
+    assert weights and all(e.bits == 4 and e.per_channel and e.restricted for e in weights)
+    assert {e.bits for e in activations.values()} == {8, 16}
 
 
 def test_stop_after_prints_the_intermediate_graph(tiny_pt2, tmp_path):

@@ -10,12 +10,14 @@ from quantnpu.passes.fold_constants import FoldConstants
 from quantnpu.passes.fold_norms import FoldNorms
 from quantnpu.passes.fuse_rotations import FuseRotations
 from quantnpu.passes.online_rotations import InsertOnlineRotations, RemoveOnlineRotations
+from quantnpu.passes.prepare_for_qnn import PrepareForQnn
+from quantnpu.passes.static_observers import InsertStaticObservers, StaticCalibration
 from quantnpu.passes.untie_embeddings import UntieEmbeddings
 
 __all__ = [
     "AnnotateRoles", "BakeRotations", "FoldConstants", "FoldNorms", "FuseRotations", "GraphPass",
-    "InsertOnlineRotations", "PassManager", "PassRecord", "PassResult", "RemoveOnlineRotations",
-    "UntieEmbeddings", "default_pipeline",
+    "InsertOnlineRotations", "InsertStaticObservers", "PassManager", "PassRecord", "PassResult", "PrepareForQnn",
+    "RemoveOnlineRotations", "StaticCalibration", "UntieEmbeddings", "default_pipeline", "static_quantization_passes",
 ]
 
 ROTATIONS = ("none", "hadamard", "random")
@@ -31,3 +33,9 @@ def default_pipeline(rotate: str = "hadamard", seed: int = 0, strict: bool = Fal
     if rotate != "none":
         passes += [UntieEmbeddings(), FoldNorms(), FuseRotations(kind=rotate, seed=seed, strict=strict), BakeRotations()]
     return passes
+
+
+def static_quantization_passes(plan, batches, soc: str = "SM8650", progress: bool = False, legalize: bool = True) -> list[GraphPass]:
+    """The passes after `default_pipeline` that make the fake-quant graph (stage two only):
+    PrepareForQnn, InsertStaticObservers(plan), StaticCalibration(batches)."""
+    return [PrepareForQnn(), InsertStaticObservers(plan, soc, legalize), StaticCalibration(batches, progress, soc)]

@@ -32,13 +32,24 @@ class NodeInfo:
     rotated: bool | None = None
     bits: int | None = None
     encoding: Any = None
+    labels: tuple[str, ...] = ()  # the bit plan's names for the tensor (see quantizers/bit_plan.py)
+    # Edges that re-quantize what they read: (input node name, bits) and (input node name, Encoding).
+    input_bits: tuple[tuple[str, int], ...] = ()
+    input_encodings: tuple[tuple[str, Any], ...] = ()
+
+    def input_encoding(self, name: str) -> Any:
+        return dict(self.input_encodings).get(name)
 
     def describe(self) -> str:
         fields = [f"role={self.role}"]
+        if self.labels:
+            fields.append("labels=" + ",".join(self.labels))
         for name in ("rotated", "bits", "encoding"):
             value = getattr(self, name)
             if value is not None:
-                fields.append(f"{name}={value}")
+                fields.append(f"{name}={value.describe() if hasattr(value, 'describe') else value}")
+        if self.input_bits:
+            fields.append("inputs=" + ",".join(f"%{n}:{b}" for n, b in self.input_bits))
         return " ".join(fields)
 
 

@@ -26,3 +26,7 @@ class PteModel:
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         return self.method.execute(list(inputs))[0]
+
+    def outputs(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
+        """Every output of the method."""
+        return list(self.method.execute(list(inputs)))

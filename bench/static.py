@@ -1,0 +1,186 @@
+#!/usr/bin/env python3
+"""Static encodings (stage two only, no learning) on SmolLM2-135M-Instruct, Brown corpus.
+
+1. Fake-quant ppl for W-A-KV 8-8-8, 4-8-8, 4-4-8, each without rotation and with random Hadamard
+   R1/R2 (the QuaRot-style static baseline), plus rotated 8-8-8 with every down_proj input at 16
+   bits. Without rotation the A-bit linear inputs need explicit overrides (the default plan keeps
+   unrotated activations at >= 8 bits); the override warning is expected.
+2. The rotated 8-8-8 and 4-8-8 graphs at a shorter length lowered to QNN HTP (SM8650) and run on
+   the x86 HTP simulator: `.pte` ppl next to fake-quant ppl. Where they differ by more than 2%,
+   the per-layer comparison (residual-stream tensors tapped out of the `.pte`) is written too.
+
+Results are written after every row (atomically) to bench/results/static.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shlex
+import sys
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from quantnpu.fileio import atomic_write_text  # noqa: E402
+from quantnpu.lowering import qnn_sdk  # noqa: E402
+from quantnpu.lowering.lower import lower_to_qnn  # noqa: E402
+from quantnpu.models.corpus import split_tokens, token_windows  # noqa: E402
+from quantnpu.models.export import export_causal_lm  # noqa: E402
+from quantnpu.models.smollm2 import load_smollm2  # noqa: E402
+from quantnpu.passes import PassManager, default_pipeline, static_quantization_passes  # noqa: E402
+from quantnpu.passes.integer_only import integer_only_violations  # noqa: E402
+from quantnpu.quantizers.bit_plan import BitPlan  # noqa: E402
+from quantnpu.quantizers.quantnpu_quantizer import quantize_with_encodings  # noqa: E402
+from quantnpu.runtime_harness.perplexity import perplexity  # noqa: E402
+from quantnpu.runtime_harness.pte import PteModel  # noqa: E402
+from quantnpu.runtime_harness.records import package_versions, peak_memory_mib  # noqa: E402
+
+# Without rotation, the linears whose inputs R1/R2 would rotate get A bits only by override.
+UNROTATED_A = tuple(f"*.{kind}.input" for kind in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"))
+ROWS = [
+    ("8-8-8", "none", ()), ("8-8-8", "hadamard", ()),
+    ("4-8-8", "none", ()), ("4-8-8", "hadamard", ()),
+    ("4-4-8", "none", tuple(f"{p}=4" for p in UNROTATED_A)), ("4-4-8", "hadamard", ()),
+    ("8-8-8", "hadamard", ("*.down_proj.input=16",)),
+]
+ET_SKELETON = {"8a8w": 134999.8, "16a8w": 51.720, "16a4w": 148.748, "16a4w_block": 75.041}
+
+
+def fake_quant(gm, plan, calibration):
+    start = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        passes = static_quantization_passes(plan, calibration, progress=True)
+        fq = PassManager(passes).run(copy.deepcopy(gm))  # PrepareForQnn and prepare_pt2e rewrite their input
+    deviations = passes[1].deviations
+    warned = sorted({str(w.message).split(":")[0] for w in caught if "against the rule" in str(w.message)})
+    return fq, deviations, warned, time.perf_counter() - start
+
+
+def write(results: dict, out: Path) -> None:
+    atomic_write_text(out.with_suffix(".json"), json.dumps(results, indent=1) + "\n")
+    lines = [
+        "# Static encodings (stage two, no learning): SmolLM2-135M-Instruct, Brown evaluation split", "",
+        f"Command: `{results['command']}`", "",
+        f"Fake-quant: {results['eval']['windows']} x {results['eval']['seq_len']}-token windows; "
+        f"calibration {results['calibration']['windows']} x {results['calibration']['seq_len']}. "
+        f"Float ppl: unrotated {results['float'].get('none', float('nan')):.3f}, rotated {results['float'].get('hadamard', float('nan')):.3f}.", "",
+        "| W-A-KV | rotation | overrides | fake-quant ppl | HTP deviations | calibrate (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in results["rows"]:
+        lines.append(f"| {row['bits']} | {row['rotate']} | {' '.join(row['overrides']) or '-'} | {row['ppl']:.3f} | "
+                     f"{len(row['deviations'])} | {row['seconds']:.0f} |")
+    lines += ["", "ExecuTorch QnnQuantizer fake-quant, same windows (skeleton issue): "
+              + ", ".join(f"{k} {v:,.3f}" for k, v in ET_SKELETON.items()), ""]
+    if results.get("pte"):
+        lines += [f"## `.pte` on the x86 HTP simulator ({results['pte_eval']['windows']} x {results['pte_eval']['seq_len']} tokens, SM8650)", "",
+                  "| W-A-KV | rotation | float | fake-quant | .pte | .pte vs fake-quant | delegates | MiB | lower (s) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for row in results["pte"]:
+            lines.append(f"| {row['bits']} | {row['rotate']} | {row['float']:.3f} | {row['fake_quant']:.3f} | {row['pte']:.3f} | "
+                         f"{100 * row['relative_gap']:.2f}% | {row['delegates']} | {row['mib']:.1f} | {row['lower_seconds']:.0f} |")
+        for row in results["pte"]:
+            if row.get("localization"):
+                lines += ["", f"Per-layer comparison, {row['bits']} (first window; steps of each tensor's grid):", "", "```",
+                          *row["localization"], "```"]
+    if results["rows"]:
+        lines += ["", "HTP legalization deviations (first rotated row):", ""]
+        first = next((r for r in results["rows"] if r["rotate"] == "hadamard"), results["rows"][0])
+        import re
+        from collections import Counter
+
+        kinds = Counter(re.sub(r"%\w+ ", "", d.split("(", 1)[1].split(")")[0].split(".")[-1] + ": " + d.split("): ", 1)[1].split(" (")[0])
+                        for d in first["deviations"])
+        kinds = [f"{k} ({n} layers)" for k, n in sorted(kinds.items())]
+        lines += [f"- {k}" for k in kinds] or ["- none"]
+    atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--eval-windows", type=int, default=40)
+    parser.add_argument("--calib-windows", type=int, default=16)
+    parser.add_argument("--rows", type=int, nargs="*", help="indices of ROWS to run (default all)")
+    parser.add_argument("--pte-configs", nargs="*", default=["8-8-8", "4-8-8"])
+    parser.add_argument("--pte-seq-len", type=int, default=128)
+    parser.add_argument("--pte-windows", type=int, default=4)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "static"))
+    args = parser.parse_args()
+    out = Path(args.out)
+    qnn_sdk.activate(qnn_sdk.prepare_qnn_sdk())
+    model, tokenizer = load_smollm2()
+    eval_tokens, calib_tokens = split_tokens(tokenizer, "evaluation"), split_tokens(tokenizer, "calibration")
+    results: dict = {
+        "command": "python bench/static.py " + shlex.join(sys.argv[1:]),
+        "eval": {"windows": args.eval_windows, "seq_len": args.seq_len},
+        "calibration": {"windows": args.calib_windows, "seq_len": args.seq_len},
+        "float": {}, "rows": [], "pte": [], "versions": package_versions(),
+    }
+    rows = [ROWS[i] for i in args.rows] if args.rows is not None else ROWS
+    if rows:
+        windows = token_windows(eval_tokens, args.seq_len, args.eval_windows)
+        calibration = list(token_windows(calib_tokens, args.seq_len, args.calib_windows).unsqueeze(1))
+        program = export_causal_lm(model, args.seq_len)
+        graphs = {rotate: PassManager(default_pipeline(rotate)).run(program.module()) for rotate in ("none", "hadamard")}
+        for rotate, gm in graphs.items():
+            results["float"][rotate] = perplexity(gm, windows, f"float ({rotate})").ppl
+        for bits, rotate, overrides in rows:
+            plan = BitPlan.parse(bits, overrides)
+            fq, deviations, warned, seconds = fake_quant(graphs[rotate], plan, calibration)
+            ppl = perplexity(fq, windows, f"fake-quant {plan.name} ({rotate})").ppl
+            results["rows"].append({"bits": bits, "rotate": rotate, "overrides": list(overrides), "ppl": ppl,
+                                    "deviations": deviations, "rule_warnings": len(warned), "seconds": round(seconds, 1)})
+            print(f"{plan.name} {rotate}: ppl {ppl:.3f}", flush=True)
+            write(results, out)
+            del fq
+    if args.pte_configs:
+        pte_windows = token_windows(eval_tokens, args.pte_seq_len, args.pte_windows)
+        calibration = list(token_windows(calib_tokens, args.pte_seq_len, args.calib_windows * args.seq_len // args.pte_seq_len).unsqueeze(1))
+        results["pte_eval"] = {"windows": args.pte_windows, "seq_len": args.pte_seq_len, "soc": "SM8650"}
+        gm = PassManager(default_pipeline("hadamard")).run(export_causal_lm(model, args.pte_seq_len).module())
+        float_ppl = perplexity(gm, pte_windows, "float").ppl
+        for bits in args.pte_configs:
+            fq, deviations, _, _ = fake_quant(gm, BitPlan.parse(bits), calibration)
+            quantized = quantize_with_encodings(fq)
+            violations = integer_only_violations(quantized)
+            pte_path = out.parent / f"static_{bits}.pte"
+            lowered = lower_to_qnn(quantized, (pte_windows[:1],), pte_path)
+            fq_ppl = perplexity(fq, pte_windows, f"fake-quant {bits}").ppl
+            pte_ppl = perplexity(PteModel(lowered.pte_path), pte_windows, f".pte {bits}").ppl
+            row = {"bits": bits, "rotate": "hadamard", "float": float_ppl, "fake_quant": fq_ppl, "pte": pte_ppl,
+                   "relative_gap": abs(pte_ppl - fq_ppl) / fq_ppl, "delegates": lowered.delegates,
+                   "outside_delegates": lowered.outside_delegates, "mib": lowered.size_bytes / 2**20,
+                   "lower_seconds": round(lowered.seconds, 1), "integer_only_violations": violations}
+            pte_path.unlink(missing_ok=True)  # 100+ MiB; the numbers are what is kept
+            if row["relative_gap"] > 0.02:
+                row["localization"] = localize(quantized, pte_windows[:1], out.parent / f"static_{bits}_taps.pte")
+            results["pte"].append(row)
+            print(f"{bits}: float {float_ppl:.3f} fake-quant {fq_ppl:.3f} .pte {pte_ppl:.3f}", flush=True)
+            write(results, out)
+    results["peak_rss_mib"] = peak_memory_mib()
+    write(results, out)
+    return 0
+
+
+def localize(quantized, window, pte_path: Path) -> list[str]:
+    """Residual-stream tensors (the adds) of every layer, .pte against the Q/DQ graph."""
+    from quantnpu.runtime_harness.agreement import run_taps_on_device, tap_candidates
+
+    taps = [n.name for n in tap_candidates(quantized)
+            if str(n.args[0].args[0].target) == "aten.add.Tensor" and n.args[0].args[0].meta.get("val").shape[-1] == 576]
+    results = run_taps_on_device(quantized, taps, (window,), pte_path)
+    pte_path.unlink(missing_ok=True)
+    return [r.line() for r in results]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""QuantNpuQuantizer: a torchao PT2E `Quantizer` that hands QNN exactly quantnpu's encodings.
+
+Which tensors of which ops get quantized, and which ops share their input's encoding (views,
+permutes, ...), is ExecuTorch's knowledge of the QNN HTP backend: its `QnnQuantizer` annotation
+rules. This quantizer runs those rules and then replaces every quantization spec with a fixed one
+built from the encoding recorded on the tensor's node (`node.meta["quantnpu"].encoding`):
+- a tensor has one encoding, used for its output and for every edge that reads it, except edges
+  that re-quantize it (`input_encodings` on the reading node: a linear's input, a widened input);
+- linear weights are per output channel (signed, restricted range), activations per tensor
+  (unsigned storage with offset 2^(b-1), QNN's form of a symmetric grid);
+- QNN requires a 16-bit MatMul's second input to be signed symmetric, so such an edge carries the
+  same scale in int16 storage;
+- biases keep ExecuTorch's derived int32 spec (input scale x weight scale).
+No observer computes anything: `EncodingObserver` returns the recorded numbers, so after
+`prepare_pt2e` + `convert_pt2e` every scale and zero point equals its encoding.
+
+In `observe=True` mode the same annotation gets statistics-gathering observers instead; that is how
+`InsertStaticObservers` places exactly the observers this quantizer will later make fixed.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import torch
+import torch.fx
+
+from quantnpu.errors import GraphStructureError
+from quantnpu.passes.meta import node_info
+from quantnpu.quantizers.encodings import Encoding
+from quantnpu.quantizers.observers import EncodingObserver, storage
+
+aten = torch.ops.aten
+LINEARS = {aten.linear.default}
+MATMULS = {aten.bmm.default, aten.matmul.default, aten.mm.default}
+# Placeholder storage while observing: every activation alike, so torchao groups all edges of a
+# tensor (and shared views) under one observer; the bit plan sets the real storage afterwards.
+_OBSERVE_ACTIVATION = (torch.int32, 0, 2**16 - 1, torch.per_tensor_symmetric)
+
+
+def _qnn_quantizer_base(soc: str):
+    from quantnpu.lowering import qnn_sdk
+
+    qnn_sdk.activate()  # before ExecuTorch's QNN code: without QNN_SDK_ROOT it tries a download
+    from executorch.backends.qualcomm.quantizer.quantizer import QnnQuantizer, QuantDtype
+
+    from quantnpu.quantizers.et_qnn import soc_model
+
+    return QnnQuantizer, QuantDtype, soc_model(soc)
+
+
+def qnn_annotation_transforms(gm: torch.fx.GraphModule, soc: str = "SM8650") -> torch.fx.GraphModule:
+    """ExecuTorch's QNN transforms that run before annotation (decompositions, recompositions)."""
+    base, dtypes, chip = _qnn_quantizer_base(soc)
+    return base(soc_model=chip).transform_for_annotation(gm)
+
+
+def is_weight_edge(tensor: torch.fx.Node, consumer: torch.fx.Node) -> bool:
+    return consumer.target in LINEARS and len(consumer.args) > 1 and consumer.args[1] is tensor
+
+
+def is_matmul_second_input(tensor: torch.fx.Node, consumer: torch.fx.Node) -> bool:
+    return consumer.target in MATMULS and len(consumer.args) > 1 and consumer.args[1] is tensor
+
+
+@functools.cache
+def _quantizer_class(soc: str):
+    base, dtypes, chip = _qnn_quantizer_base(soc)
+    from torchao.quantization.pt2e.quantizer import (
+        DerivedQuantizationSpec,
+        QuantizationSpec,
+        SharedQuantizationSpec,
+    )
+
+    class QuantNpuQuantizer(base):
+        """See the module docstring."""
+
+        def __init__(self, observe: bool = False) -> None:
+            super().__init__(soc_model=chip)
+            # ExecuTorch's 16a8w per-channel rules give the annotation its shape; every spec is replaced.
+            self.set_default_quant_config(dtypes.use_16a8w, is_linear_per_channel=True, is_conv_per_channel=True)
+            self.observe = observe
+            self._specs: dict = {}
+
+        def transform_for_annotation(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+            return model  # PrepareForQnn ran ExecuTorch's transforms already; the encodings name that graph
+
+        def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+            super().annotate(model)
+            for node in model.graph.nodes:
+                annotation = node.meta.get("quantization_annotation")
+                if annotation is None:
+                    continue
+                for tensor, spec in list(annotation.input_qspec_map.items()):
+                    if not isinstance(spec, (SharedQuantizationSpec, DerivedQuantizationSpec)):
+                        annotation.input_qspec_map[tensor] = self._spec(tensor, node)
+                spec = annotation.output_qspec
+                if spec is not None and not isinstance(spec, (SharedQuantizationSpec, DerivedQuantizationSpec)):
+                    annotation.output_qspec = self._spec(node, None)
+            return model
+
+        def _spec(self, tensor: torch.fx.Node, consumer: torch.fx.Node | None):
+            weight = consumer is not None and is_weight_edge(tensor, consumer)
+            if self.observe:
+                key = ("observe", weight)
+                layout = storage(8, weight=True) if weight else _OBSERVE_ACTIVATION
+                encoding = None
+            else:
+                reader = node_info(consumer) if consumer is not None else None
+                encoding = reader.input_encoding(tensor.name) if reader is not None else None
+                if encoding is None:
+                    info = node_info(tensor)
+                    encoding = info.encoding if info is not None else None
+                if not isinstance(encoding, Encoding):
+                    raise GraphStructureError(
+                        "quantized tensor has no encoding: run InsertStaticObservers + StaticCalibration "
+                        "(or attach_encodings) first", tensor.name)
+                signed = (consumer is not None and encoding.bits == 16 and is_matmul_second_input(tensor, consumer))
+                key = (encoding, weight, signed)
+                layout = storage(encoding.bits, weight=weight, signed_activation=signed)
+            if key not in self._specs:
+                dtype, quant_min, quant_max, qscheme = layout
+                self._specs[key] = QuantizationSpec(
+                    dtype=dtype, quant_min=quant_min, quant_max=quant_max, qscheme=qscheme,
+                    ch_axis=0 if weight else None,
+                    observer_or_fake_quant_ctr=EncodingObserver.with_args(
+                        dtype=dtype, quant_min=quant_min, quant_max=quant_max, qscheme=qscheme,
+                        ch_axis=0, encoding=encoding),
+                )
+            return self._specs[key]
+
+    return QuantNpuQuantizer
+
+
+def make_quantnpu_quantizer(soc: str = "SM8650", observe: bool = False):
+    """A `QuantNpuQuantizer` for `soc` (observe: statistics observers, for InsertStaticObservers)."""
+    return _quantizer_class(soc)(observe=observe)
+
+
+def is_observer_node(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), EncodingObserver)
+
+
+def strip_observers(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of `gm` without observer nodes or PT2E annotations: the float graph, with every
+    tensor's encoding still on its node. (Derived bias observers go too.)"""
+    from torchao.quantization.pt2e.observer import ObserverBase
+
+    gm = copy.deepcopy(gm)
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), ObserverBase):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            gm.delete_submodule(node.target)
+    for node in gm.graph.nodes:
+        node.meta.pop("quantization_annotation", None)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def quantize_with_encodings(gm: torch.fx.GraphModule, soc: str = "SM8650") -> torch.fx.GraphModule:
+    """The converted (Q/DQ) graph carrying exactly the encodings recorded in `gm`'s node meta.
+    `gm` may still hold calibrated observers (they are stripped from a copy first)."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    float_graph = strip_observers(gm)
+    prepared = prepare_pt2e(float_graph, make_quantnpu_quantizer(soc))
+    return convert_pt2e(prepared)
