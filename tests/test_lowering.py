@@ -77,3 +77,43 @@ def test_op_left_on_cpu_is_an_error_naming_it(tmp_path):
     assert not target.exists()
     allowed = lower_to_qnn(quantized, (x,), target, allow_cpu_ops=True)
     assert any("cumprod" in op for op in allowed.outside_delegates) and target.exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_quantnpu(tmp_path_factory):
+    """The quantnpu path on a tiny Llama: static encodings (8-8-8), QuantNpuQuantizer, QNN."""
+    import copy
+
+    from quantnpu.passes import static_quantization_passes
+    from quantnpu.quantizers.bit_plan import BitPlan
+    from quantnpu.quantizers.quantnpu_quantizer import quantize_with_encodings
+
+    torch.manual_seed(0)
+    gm = run_passes(tiny_graph("llama", layers=2, seq_len=SEQ), default_pipeline())
+    calibration = [torch.randint(0, 128, (1, SEQ)) for _ in range(8)]
+    fake_quant = run_passes(copy.deepcopy(gm), static_quantization_passes(BitPlan.parse("8-8-8"), calibration))
+    quantized = quantize_with_encodings(fake_quant)
+    return gm, fake_quant, quantized, tmp_path_factory.mktemp("quantnpu")
+
+
+def test_quantnpu_pte_agrees_with_its_fake_quant_graph(tiny_quantnpu):
+    """Per tensor, on the HTP simulator: each quantized tensor of the `.pte` against the same tensor of
+    the Q/DQ graph in PyTorch, in steps of that tensor's grid. HTP's integer kernels round their
+    requantization differently from the float reference, so 8-bit tensors differ by a step here and
+    there, and the 16-bit tensors downstream inherit those differences (in their own, finer steps)."""
+    from quantnpu.runtime_harness.agreement import run_taps_on_device, tap_candidates
+
+    gm, fake_quant, quantized, directory = tiny_quantnpu
+    x = torch.randint(0, 128, (1, SEQ), generator=torch.Generator().manual_seed(99))
+    names = [n.name for n in tap_candidates(quantized)]
+    results = run_taps_on_device(quantized, names, (x,), directory / "taps.pte")
+    eight_bit = [r for r in results if r.bits == 8]
+    assert len(eight_bit) >= 20
+    assert max(r.max_steps for r in eight_bit) <= 8, [r.line() for r in eight_bit if r.max_steps > 8]
+    assert max(r.mean_steps for r in eight_bit) <= 1.5
+    lowered = lower_to_qnn(quantized, (x,), directory / "tiny.pte")
+    assert lowered.delegates == 1 and lowered.outside_delegates == []
+    device, reference, float_logits = PteModel(lowered.pte_path)(x), fake_quant(x), gm(x)
+    device_error = ((device - reference).abs().max() / reference.abs().max()).item()
+    quantization_error = ((reference - float_logits).abs().max() / float_logits.abs().max()).item()
+    assert device_error < 0.03, (device_error, quantization_error)

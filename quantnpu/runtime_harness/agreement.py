@@ -25,11 +25,12 @@ class TapResult:
     node: str  # the dequantize node whose value is compared
     source: str  # the op that produced the quantized tensor
     scale: float
+    bits: int
     max_steps: float
     mean_steps: float
 
     def line(self) -> str:
-        return f"{self.source:<28} {self.node:<40} scale {self.scale:10.3g}  max {self.max_steps:9.2f}  mean {self.mean_steps:8.3f} steps"
+        return f"{self.source:<28} {self.node:<40} {self.bits:>2}-bit scale {self.scale:10.3g}  max {self.max_steps:9.2f}  mean {self.mean_steps:8.3f} steps"
 
 
 def _source_op(dequantize: torch.fx.Node) -> str:
@@ -72,9 +73,11 @@ def compare_taps(gm: torch.fx.GraphModule, names: list[str], device_outputs: lis
     results = []
     for offset, name in enumerate(names):
         expected, actual = reference[first + offset], device_outputs[first + offset]
-        scale = float(by_name[name].args[1])
+        dequantize = by_name[name]
+        scale = float(dequantize.args[1])
+        bits = (int(dequantize.args[4]) - int(dequantize.args[3]) + 1).bit_length() - 1
         steps = (actual.float() - expected.float()).abs() / scale
-        results.append(TapResult(name, _source_op(by_name[name]), scale, float(steps.max()), float(steps.mean())))
+        results.append(TapResult(name, _source_op(dequantize), scale, bits, float(steps.max()), float(steps.mean())))
     return results
 
 
