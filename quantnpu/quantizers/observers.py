@@ -85,6 +85,7 @@ class RunningStats:
         return TensorStats(squeeze(self.minimum), squeeze(self.maximum), squeeze(mean), squeeze(variance.sqrt()))
 
     def histogram_edges(self) -> list[float]:
+        """Bin edges of `histogram` (|x|, powers of two), for reports."""
         return [2.0 ** (HISTOGRAM_LOW_EXPONENT + k) for k in range(HISTOGRAM_BINS + 1)]
 
 

@@ -138,10 +138,6 @@ def make_quantnpu_quantizer(soc: str = "SM8650", observe: bool = False):
     return _quantizer_class(soc)(observe=observe)
 
 
-def is_observer_node(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
-    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), EncodingObserver)
-
-
 def strip_observers(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """A copy of `gm` without observer nodes or PT2E annotations: the float graph, with every
     tensor's encoding still on its node. (Derived bias observers go too.)"""
