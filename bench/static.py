@@ -179,7 +179,8 @@ def localize(quantized, window, pte_path: Path) -> list[str]:
             if str(n.args[0].args[0].target) == "aten.add.Tensor" and n.args[0].args[0].meta.get("val").shape[-1] == 576]
     results = run_taps_on_device(quantized, taps, (window,), pte_path)
     pte_path.unlink(missing_ok=True)
-    return [r.line() for r in results]
+    first_per_tensor = {r.source: r for r in reversed(results)}  # each add is read by several edges
+    return [r.line() for r in results if first_per_tensor[r.source] is r]
 
 
 if __name__ == "__main__":
