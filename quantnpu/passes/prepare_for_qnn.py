@@ -77,7 +77,7 @@ def drop_identity_ops(gm: torch.fx.GraphModule) -> int:
 
 
 class PrepareForQnn(GraphPass):
-    """See the module docstring. `soc` only selects ExecuTorch's rule set (HTP)."""
+    """See the module docstring."""
 
     run_after = (AnnotateRoles,)
 
