@@ -36,6 +36,7 @@ import torch.fx
 from tqdm import tqdm
 
 from quantnpu.errors import GraphStructureError
+from quantnpu.memory import release_freed_memory
 from quantnpu.passes.annotate_roles import AnnotateRoles
 from quantnpu.passes.base import GraphPass, PassResult, require
 from quantnpu.passes.meta import NodeInfo, node_info, set_node_info, update_node_info
@@ -296,6 +297,7 @@ class StaticCalibration(GraphPass):
         with torch.no_grad():
             for batch in tqdm(self.batches, desc="calibrate", unit="window", disable=not self.progress):
                 gm(batch)
+                release_freed_memory()  # else glibc keeps each window's activations (GiBs)
         by_tensor = _group_by_tensor(groups)
         for group in groups.values():
             first = node_info(group.nodes[0])
