@@ -30,6 +30,19 @@ def test_a_constant_is_counted_once():
     assert stats.count == 8
 
 
+def test_a_new_activation_at_a_reused_address_is_counted():
+    """The allocator gives the next window's activation the freed address of the last one (same
+    shape, version 0). It is new data and must be observed: when such tensors were skipped,
+    calibrating SmolLM2 twice on the same windows gave 276 of 2197 different encodings."""
+    buffer = torch.zeros(4, 8).numpy()
+    stats = RunningStats(None)
+    stats.update(torch.from_numpy(buffer))
+    buffer[:] = 5.0  # the same storage with new contents; numpy writes do not bump the version
+    stats.update(torch.from_numpy(buffer))
+    assert stats.count == 64
+    assert float(stats.tensor_stats().maximum) == 5.0
+
+
 def test_observer_turns_into_a_fixed_fake_quantizer():
     observer = EncodingObserver()
     x = torch.linspace(-1, 1, 11)

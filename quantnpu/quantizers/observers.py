@@ -16,6 +16,7 @@ range. The signed symmetric encoding and its unsigned storage are the same grid.
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 from torchao.quantization.pt2e.observer import ObserverBase
@@ -47,15 +48,16 @@ class RunningStats:
         self.count = 0
         self.minimum = self.maximum = self.total = self.total_squares = None
         self.histogram = torch.zeros(HISTOGRAM_BINS, dtype=torch.int64)
-        self._last_constant: tuple | None = None
+        self._last_seen: weakref.ref | None = None
 
     def update(self, x: torch.Tensor) -> None:
-        x = x.detach()
-        # A constant (weight, table) arrives as the same storage every batch: count it once.
-        identity = (x.data_ptr(), tuple(x.shape), x._version)
-        if identity == self._last_constant:
+        # A constant (weight, table) arrives as the same live tensor object every batch: count it
+        # once. Identity, not the storage address: the allocator hands a freed activation's
+        # address to the next window's activation, which must be counted.
+        if self._last_seen is not None and self._last_seen() is x:
             return
-        self._last_constant = identity
+        self._last_seen = weakref.ref(x)  # weak: an activation is freed after its forward
+        x = x.detach()
         if self.axis is None:
             rows = x.reshape(1, -1)
         else:
