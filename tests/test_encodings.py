@@ -21,6 +21,25 @@ def test_symmetric_grid_and_restricted_weight_range():
     torch.testing.assert_close(activation.fake_quantize(torch.tensor([100.0, -100.0, 0.3])), torch.tensor([63.5, -64.0, 0.5]))
 
 
+def test_fake_quantize_rounds_as_the_converted_graph_does():
+    """Near a midpoint x/s and x*(1/s) round apart; convert_pt2e's quantize ops multiply by 1/s, so
+    fake_quantize must too (else the fake-quant and Q/DQ graphs differ on a few elements)."""
+    x = torch.tensor([-9.149999618530273, -8.149999618530273, -7.549999713897705, 0.3])  # 0.1 * (k + 1/2) in float32
+    assert not torch.equal(torch.round(x / 0.1), torch.round(x * (1.0 / 0.1)))
+    ops = torch.ops.quantized_decomposed
+    for zero_point, qmin, qmax in ((0, -128, 127), (128, 0, 255)):  # signed, and QNN's unsigned storage
+        encoding = Encoding(bits=8, scale=(0.1,), zero_point=zero_point - (128 if qmin == 0 else 0))
+        stored = ops.dequantize_per_tensor(ops.quantize_per_tensor(x, 0.1, zero_point, qmin, qmax, torch.uint8 if qmin == 0 else torch.int8),
+                                           0.1, zero_point, qmin, qmax, torch.uint8 if qmin == 0 else torch.int8)
+        assert torch.equal(encoding.fake_quantize(x), stored)
+    weight = Encoding(bits=4, scale=(0.1, 0.2), axis=0, restricted=True)
+    w = torch.stack([x, 2 * x])
+    scales = torch.tensor([0.1, 0.2])
+    zero = torch.zeros(2, dtype=torch.int32)
+    stored = ops.dequantize_per_channel(ops.quantize_per_channel(w, scales, zero, 0, -7, 7, torch.int8), scales, zero, 0, -7, 7, torch.int8)
+    assert torch.equal(weight.fake_quantize(w), stored)
+
+
 def test_json_round_trip_is_exact(tmp_path):
     torch.manual_seed(0)
     activations = {

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
 
 from quantnpu.errors import InputFileError
 from quantnpu.fileio import atomic_write_text
@@ -68,9 +69,24 @@ class Encoding:
         return scale.to(like.dtype)
 
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
-        """`(clamp(round(x / s) + z, qmin, qmax) - z) * s` with this encoding's fixed numbers."""
-        scale = self.scale_tensor(x)
-        q = torch.clamp(torch.round(x / scale) + self.zero_point, self.qmin, self.qmax)
+        """`(clamp(round(x * (1/s)) + z, qmin, qmax) - z) * s` with this encoding's fixed numbers.
+
+        On float32 this runs torch's `quantized_decomposed` quantize/dequantize ops, the very ones
+        `convert_pt2e` writes into the Q/DQ graph, so the fake-quant graph and the Q/DQ graph compute
+        the same numbers. (`round(x / s)` differs from `round(x * (1/s))` where x/s is within an ulp
+        of a midpoint; on SmolLM2 those few flips moved single logits by up to 19.)"""
+        ops = torch.ops.quantized_decomposed
+        if x.dtype == torch.float32:
+            if self.per_channel:
+                scales = torch.tensor(self.scale, dtype=torch.float32)
+                zero_points = torch.full(scales.shape, self.zero_point, dtype=torch.int32)
+                q = ops.quantize_per_channel(x, scales, zero_points, self.axis, self.qmin, self.qmax, torch.int32)
+                return ops.dequantize_per_channel(q, scales, zero_points, self.axis, self.qmin, self.qmax, torch.int32,
+                                                  out_dtype=torch.float32)
+            q = ops.quantize_per_tensor(x, self.scale[0], self.zero_point, self.qmin, self.qmax, torch.int32)
+            return ops.dequantize_per_tensor(q, self.scale[0], self.zero_point, self.qmin, self.qmax, torch.int32)
+        scale = self.scale_tensor(x)  # float64 reference computations: the same formula
+        q = torch.clamp(torch.round(x * (1.0 / scale)) + self.zero_point, self.qmin, self.qmax)
         return (q - self.zero_point) * scale
 
     def describe(self) -> str:
