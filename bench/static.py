@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from quantnpu.fileio import atomic_write_text  # noqa: E402
+from quantnpu.memory import release_freed_memory  # noqa: E402
 from quantnpu.lowering import qnn_sdk  # noqa: E402
 from quantnpu.lowering.lower import lower_to_qnn  # noqa: E402
 from quantnpu.models.corpus import split_tokens, token_windows  # noqa: E402
@@ -82,14 +83,15 @@ def write(results: dict, out: Path) -> None:
               "compare ratios to float): " + ", ".join(f"{k} {v:,.3f}" for k, v in ET_SKELETON.items()), ""]
     if results.get("pte"):
         lines += [f"## `.pte` on the x86 HTP simulator ({results['pte_eval']['windows']} x {results['pte_eval']['seq_len']} tokens, SM8650)", "",
-                  "| W-A-KV | rotation | float | fake-quant | .pte | .pte vs fake-quant | delegates | MiB | lower (s) |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| W-A-KV | rotation | float | fake-quant | Q/DQ graph | .pte | .pte vs fake-quant | delegates | MiB | lower (s) |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for row in results["pte"]:
-            lines.append(f"| {row['bits']} | {row['rotate']} | {row['float']:.3f} | {row['fake_quant']:.3f} | {row['pte']:.3f} | "
+            lines.append(f"| {row['bits']} | {row['rotate']} | {row['float']:.3f} | {row['fake_quant']:.3f} | {row.get('qdq', float('nan')):.3f} | {row['pte']:.3f} | "
                          f"{100 * row['relative_gap']:.2f}% | {row['delegates']} | {row['mib']:.1f} | {row['lower_seconds']:.0f} |")
         for row in results["pte"]:
             if row.get("localization"):
-                lines += ["", f"Per-layer comparison, {row['bits']} (first window; steps of each tensor's grid):", "", "```",
+                lines += ["", f"Per-tensor comparison, {row['bits']} (first window; steps of each tensor's grid): every tensor of "
+                          "layer 0 in graph order, then the residual stream (the adds) of each later layer:", "", "```",
                           *row["localization"], "```"]
     if results["rows"]:
         lines += ["", "HTP legalization deviations (first rotated row):", ""]
@@ -142,6 +144,7 @@ def main() -> int:
             print(f"{plan.name} {rotate}: ppl {ppl:.3f}", flush=True)
             write(results, out)
             del fq
+            release_freed_memory()
     if args.pte_configs:
         pte_windows = token_windows(eval_tokens, args.pte_seq_len, args.pte_windows)
         calibration = list(token_windows(calib_tokens, args.pte_seq_len, args.calib_windows * args.seq_len // args.pte_seq_len).unsqueeze(1))
@@ -155,8 +158,9 @@ def main() -> int:
             pte_path = out.parent / f"static_{bits}.pte"
             lowered = lower_to_qnn(quantized, (pte_windows[:1],), pte_path)
             fq_ppl = perplexity(fq, pte_windows, f"fake-quant {bits}").ppl
+            qdq_ppl = perplexity(quantized, pte_windows, f"Q/DQ graph {bits}").ppl  # what lowering consumes
             pte_ppl = perplexity(PteModel(lowered.pte_path), pte_windows, f".pte {bits}").ppl
-            row = {"bits": bits, "rotate": "hadamard", "float": float_ppl, "fake_quant": fq_ppl, "pte": pte_ppl,
+            row = {"bits": bits, "rotate": "hadamard", "float": float_ppl, "fake_quant": fq_ppl, "qdq": qdq_ppl, "pte": pte_ppl,
                    "relative_gap": abs(pte_ppl - fq_ppl) / fq_ppl, "delegates": lowered.delegates,
                    "outside_delegates": lowered.outside_delegates, "mib": lowered.size_bytes / 2**20,
                    "lower_seconds": round(lowered.seconds, 1), "integer_only_violations": violations}
@@ -164,23 +168,40 @@ def main() -> int:
             if row["relative_gap"] > 0.02:
                 row["localization"] = localize(quantized, pte_windows[:1], out.parent / f"static_{bits}_taps.pte")
             results["pte"].append(row)
-            print(f"{bits}: float {float_ppl:.3f} fake-quant {fq_ppl:.3f} .pte {pte_ppl:.3f}", flush=True)
+            print(f"{bits}: float {float_ppl:.3f} fake-quant {fq_ppl:.3f} Q/DQ {qdq_ppl:.3f} .pte {pte_ppl:.3f}", flush=True)
             write(results, out)
+            del fq, quantized, lowered
+            release_freed_memory()
     results["peak_rss_mib"] = peak_memory_mib()
     write(results, out)
     return 0
 
 
-def localize(quantized, window, pte_path: Path) -> list[str]:
-    """Residual-stream tensors (the adds) of every layer, .pte against the Q/DQ graph."""
-    from quantnpu.runtime_harness.agreement import run_taps_on_device, tap_candidates
+def localization_taps(quantized, hidden: int):
+    """(every tap of layer 0 up to its MLP residual add, the residual adds of later layers)."""
+    from quantnpu.runtime_harness.agreement import tap_candidates
 
-    taps = [n.name for n in tap_candidates(quantized)
-            if str(n.args[0].args[0].target) == "aten.add.Tensor" and n.args[0].args[0].meta.get("val").shape[-1] == 576]
-    results = run_taps_on_device(quantized, taps, (window,), pte_path)
+    candidates = tap_candidates(quantized)
+    residual = [n for n in candidates
+                if str(n.args[0].args[0].target) == "aten.add.Tensor" and n.args[0].args[0].meta.get("val").shape[-1] == hidden]
+    residual_sources = list(dict.fromkeys(n.args[0].args[0] for n in residual))
+    layer0_end = candidates.index(next(n for n in residual if n.args[0].args[0] is residual_sources[1]))
+    layer0 = candidates[:layer0_end + 1]
+    return layer0, [n for n in residual if n not in layer0]
+
+
+def localize(quantized, window, pte_path: Path) -> list[str]:
+    """.pte against the Q/DQ graph: every quantized tensor (each edge) of layer 0, where the two first
+    part, then the residual stream (the adds) of each later layer, to show how the difference grows."""
+    from quantnpu.runtime_harness.agreement import run_taps_on_device
+
+    layer0, later = localization_taps(quantized, hidden=576)
+    results = run_taps_on_device(quantized, [n.name for n in layer0 + later], (window,), pte_path)
     pte_path.unlink(missing_ok=True)
-    first_per_tensor = {r.source: r for r in reversed(results)}  # each add is read by several edges
-    return [r.line() for r in results if first_per_tensor[r.source] is r]
+    layer0_lines = [r.line() for r in results[:len(layer0)]]
+    later_results = results[len(layer0):]
+    first_per_tensor = {r.source: r for r in reversed(later_results)}  # each add is read by several edges
+    return layer0_lines + ["..."] + [r.line() for r in later_results if first_per_tensor[r.source] is r]
 
 
 if __name__ == "__main__":
