@@ -23,6 +23,7 @@ def _malloc_trim():
 
 
 def release_freed_memory() -> None:
+    """Return the heap's free blocks to the operating system (glibc; a no-op elsewhere)."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)

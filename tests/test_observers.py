@@ -28,6 +28,9 @@ def test_a_constant_is_counted_once():
     for _ in range(3):
         stats.update(weight)
     assert stats.count == 8
+    weight.mul_(2)  # changed in place (as learning will): new values, counted
+    stats.update(weight)
+    assert stats.count == 16
 
 
 def test_a_new_activation_at_a_reused_address_is_counted():

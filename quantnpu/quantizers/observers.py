@@ -48,15 +48,15 @@ class RunningStats:
         self.count = 0
         self.minimum = self.maximum = self.total = self.total_squares = None
         self.histogram = torch.zeros(HISTOGRAM_BINS, dtype=torch.int64)
-        self._last_seen: weakref.ref | None = None
+        self._last_seen: tuple[weakref.ref, int] | None = None
 
     def update(self, x: torch.Tensor) -> None:
-        # A constant (weight, table) arrives as the same live tensor object every batch: count it
-        # once. Identity, not the storage address: the allocator hands a freed activation's
-        # address to the next window's activation, which must be counted.
-        if self._last_seen is not None and self._last_seen() is x:
+        # A constant (weight, table) arrives as the same live tensor object, unmodified, every
+        # batch: count it once. Identity, not the storage address: the allocator hands a freed
+        # activation's address to the next window's activation, which must be counted.
+        if self._last_seen is not None and self._last_seen[0]() is x and self._last_seen[1] == x._version:
             return
-        self._last_seen = weakref.ref(x)  # weak: an activation is freed after its forward
+        self._last_seen = (weakref.ref(x), x._version)  # weak: an activation is freed after its forward
         x = x.detach()
         if self.axis is None:
             rows = x.reshape(1, -1)
