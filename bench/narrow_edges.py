@@ -22,15 +22,14 @@ import torch.fx  # noqa: E402
 
 from quantnpu.fileio import atomic_write_text  # noqa: E402
 from quantnpu.lowering import qnn_sdk  # noqa: E402
-from quantnpu.models.corpus import split_tokens, token_windows  # noqa: E402
-from quantnpu.models.export import export_causal_lm  # noqa: E402
 from quantnpu.models.smollm2 import load_smollm2  # noqa: E402
-from quantnpu.passes import PassManager, default_pipeline, static_quantization_passes  # noqa: E402
+from quantnpu.passes import PassManager, static_quantization_passes  # noqa: E402
 from quantnpu.passes.integer_only import quantize_kind  # noqa: E402
 from quantnpu.passes.meta import node_info  # noqa: E402
 from quantnpu.quantizers.bit_plan import BitPlan  # noqa: E402
 from quantnpu.quantizers.quantnpu_quantizer import quantize_with_encodings  # noqa: E402
 from quantnpu.runtime_harness.perplexity import perplexity  # noqa: E402
+from static import pte_setting  # noqa: E402  (bench/ is the script's directory)
 
 
 GROUPS = {"all": None, "q/k/v": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "up": ("up_proj",), "down": ("down_proj",)}
@@ -64,9 +63,7 @@ def main() -> int:
     args = parser.parse_args()
     qnn_sdk.activate(qnn_sdk.prepare_qnn_sdk())
     model, tokenizer = load_smollm2()
-    windows = token_windows(split_tokens(tokenizer, "evaluation"), 128, 4)
-    calibration = list(token_windows(split_tokens(tokenizer, "calibration"), 128, 32).unsqueeze(1))
-    gm = PassManager(default_pipeline("hadamard")).run(export_causal_lm(model, 128).module())
+    gm, windows, calibration = pte_setting(model, tokenizer)
     rows = []
     for bits in args.bits:
         fake_quant = PassManager(static_quantization_passes(BitPlan.parse(bits), calibration, progress=True)).run(copy.deepcopy(gm))

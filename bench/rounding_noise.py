@@ -24,13 +24,12 @@ import torch  # noqa: E402
 
 from quantnpu.fileio import atomic_write_text  # noqa: E402
 from quantnpu.lowering import qnn_sdk  # noqa: E402
-from quantnpu.models.corpus import split_tokens, token_windows  # noqa: E402
-from quantnpu.models.export import export_causal_lm  # noqa: E402
 from quantnpu.models.smollm2 import load_smollm2  # noqa: E402
-from quantnpu.passes import PassManager, default_pipeline, static_quantization_passes  # noqa: E402
+from quantnpu.passes import PassManager, static_quantization_passes  # noqa: E402
 from quantnpu.quantizers.bit_plan import BitPlan  # noqa: E402
 from quantnpu.quantizers.observers import EncodingObserver  # noqa: E402
 from quantnpu.runtime_harness.perplexity import perplexity  # noqa: E402
+from static import pte_setting  # noqa: E402  (bench/ is the script's directory)
 
 
 def jitter_rounding(observers: list[EncodingObserver], amplitude: float, generator: torch.Generator) -> None:
@@ -53,9 +52,7 @@ def main() -> int:
     args = parser.parse_args()
     qnn_sdk.activate(qnn_sdk.prepare_qnn_sdk())
     model, tokenizer = load_smollm2()
-    windows = token_windows(split_tokens(tokenizer, "evaluation"), 128, 4)
-    calibration = list(token_windows(split_tokens(tokenizer, "calibration"), 128, 32).unsqueeze(1))
-    gm = PassManager(default_pipeline("hadamard")).run(export_causal_lm(model, 128).module())
+    gm, windows, calibration = pte_setting(model, tokenizer)
     fq = PassManager(static_quantization_passes(BitPlan.parse(args.bits), calibration, progress=True)).run(copy.deepcopy(gm))
     eight_bit = [m for m in fq.modules() if isinstance(m, EncodingObserver) and m.encoding is not None
                  and not m.encoding.per_channel and m.encoding.bits == 8]

@@ -65,6 +65,15 @@ def fake_quant(gm, plan, calibration):
     return fq, deviations, warned, time.perf_counter() - start
 
 
+def pte_setting(model, tokenizer, seq_len: int = 128, eval_windows: int = 4, calib_windows: int = 32):
+    """The `.pte` rows' setting (also used by rounding_noise.py and narrow_edges.py, so their numbers
+    sit beside the `.pte` ppl): the rotated graph at `seq_len`, its eval windows, calibration batches."""
+    gm = PassManager(default_pipeline("hadamard")).run(export_causal_lm(model, seq_len).module())
+    windows = token_windows(split_tokens(tokenizer, "evaluation"), seq_len, eval_windows)
+    calibration = list(token_windows(split_tokens(tokenizer, "calibration"), seq_len, calib_windows).unsqueeze(1))
+    return gm, windows, calibration
+
+
 def write(results: dict, out: Path) -> None:
     atomic_write_text(out.with_suffix(".json"), json.dumps(results, indent=1) + "\n")
     lines = [
@@ -146,10 +155,9 @@ def main() -> int:
             del fq
             release_freed_memory()
     if args.pte_configs:
-        pte_windows = token_windows(eval_tokens, args.pte_seq_len, args.pte_windows)
-        calibration = list(token_windows(calib_tokens, args.pte_seq_len, args.calib_windows * args.seq_len // args.pte_seq_len).unsqueeze(1))
+        gm, pte_windows, calibration = pte_setting(model, tokenizer, args.pte_seq_len, args.pte_windows,
+                                                   args.calib_windows * args.seq_len // args.pte_seq_len)
         results["pte_eval"] = {"windows": args.pte_windows, "seq_len": args.pte_seq_len, "soc": "SM8650"}
-        gm = PassManager(default_pipeline("hadamard")).run(export_causal_lm(model, args.pte_seq_len).module())
         float_ppl = perplexity(gm, pte_windows, "float").ppl
         for bits in args.pte_configs:
             fq, deviations, _, _ = fake_quant(gm, BitPlan.parse(bits), calibration)
