@@ -20,8 +20,13 @@ def tiny_graph(kind: str = "llama", seq_len: int = 8, **config) -> torch.fx.Grap
     return export_causal_lm(TINY[kind](**config), seq_len).module()
 
 
+def _is_decoder(gm: torch.fx.GraphModule) -> bool:
+    return any(n.target == torch.ops.aten.embedding.default for n in gm.graph.nodes)
+
+
 def run_passes(gm: torch.fx.GraphModule, passes: list[GraphPass]) -> torch.fx.GraphModule:
-    return PassManager(passes).run(gm)
+    """Run `passes`; on a decoder graph (token ids in), with the function verified after each."""
+    return PassManager(passes, verify=_is_decoder(gm)).run(gm)
 
 
 def assert_pass_diff(gm: torch.fx.GraphModule, passes: list[GraphPass], expected: str) -> torch.fx.GraphModule:
@@ -35,18 +40,7 @@ def assert_pass_diff(gm: torch.fx.GraphModule, passes: list[GraphPass], expected
 
 
 def as_float64(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """The same graph computing in float64 throughout: parameters, buffers, and the float32
-    casts Hugging Face puts inside RMSNorm and RoPE (and export's assertions on them)."""
-    gm = gm.double()
-    aten = torch.ops.aten
-    for node in list(gm.graph.nodes):
-        if node.target == aten._assert_tensor_metadata.default:
-            gm.graph.erase_node(node)
-        elif node.target == aten.to.dtype and node.args[1] == torch.float32:
-            node.args = (node.args[0], torch.float64) + tuple(node.args[2:])
-        elif node.target in (aten.to.dtype_layout, aten._to_copy.default) and node.kwargs.get("dtype") == torch.float32:
-            node.kwargs = {**node.kwargs, "dtype": torch.float64}
-        elif node.target == aten.to.device and torch.float32 in node.args:
-            node.args = tuple(torch.float64 if a == torch.float32 else a for a in node.args)
-    gm.recompile()
-    return gm
+    """The same graph computing in float64 throughout (the verifier's cast, on a copy)."""
+    from quantnpu.passes.verify import as_float64 as cast
+
+    return cast(gm)

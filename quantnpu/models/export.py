@@ -12,21 +12,34 @@ from quantnpu.fileio import atomic_path
 
 
 class CausalLMPrefill(torch.nn.Module):
-    """`input_ids [batch, seq] -> logits [batch, seq, vocab]` with no KV cache."""
+    """`input_ids [batch, seq] -> logits [batch, seq, vocab]`.
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    `use_cache=False` (the default) exports without a KV cache; `use_cache=None` calls the model
+    with its own defaults, the way Hugging Face users usually export (the graph then carries
+    the cache's artefacts). A model that is not a Hugging Face `*ForCausalLM` (ExecuTorch's
+    `Transformer`) is called with the ids alone and must return the logits."""
+
+    def __init__(self, model: torch.nn.Module, use_cache: bool | None = False) -> None:
         super().__init__()
         self.model = model
+        self.use_cache = use_cache
+        self.hugging_face = hasattr(model, "config") and hasattr(model, "generation_config")
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, use_cache=False).logits
+        if not self.hugging_face:
+            return self.model(input_ids)
+        if self.use_cache is None:
+            return self.model(input_ids).logits
+        return self.model(input_ids=input_ids, use_cache=self.use_cache).logits
 
 
-def export_causal_lm(model: torch.nn.Module, seq_len: int, batch: int = 1) -> torch.export.ExportedProgram:
-    """`torch.export` the prefill graph of a Hugging Face causal LM for a static shape."""
+def export_causal_lm(
+    model: torch.nn.Module, seq_len: int, batch: int = 1, use_cache: bool | None = False,
+) -> torch.export.ExportedProgram:
+    """`torch.export` the prefill graph of a causal LM for a static shape (see `CausalLMPrefill`)."""
     example = torch.zeros(batch, seq_len, dtype=torch.int64)
     with torch.no_grad():
-        return torch.export.export(CausalLMPrefill(model.eval()), (example,))
+        return torch.export.export(CausalLMPrefill(model.eval(), use_cache), (example,))
 
 
 def save_pt2(program: torch.export.ExportedProgram, path: str | Path) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from quantnpu.errors import QuantNpuError
 from quantnpu.passes.annotate_roles import AnnotateRoles
 from quantnpu.passes.bake_rotations import BakeRotations
+from quantnpu.passes.canonicalize import Canonicalize
 from quantnpu.passes.base import GraphPass, PassManager, PassRecord, PassResult
 from quantnpu.passes.fold_constants import FoldConstants
 from quantnpu.passes.fold_norms import FoldNorms
@@ -15,7 +16,7 @@ from quantnpu.passes.static_observers import InsertStaticObservers, StaticCalibr
 from quantnpu.passes.untie_embeddings import UntieEmbeddings
 
 __all__ = [
-    "AnnotateRoles", "BakeRotations", "FoldConstants", "FoldNorms", "FuseRotations", "GraphPass",
+    "AnnotateRoles", "BakeRotations", "Canonicalize", "FoldConstants", "FoldNorms", "FuseRotations", "GraphPass",
     "InsertOnlineRotations", "InsertStaticObservers", "PassManager", "PassRecord", "PassResult", "PrepareForQnn",
     "RemoveOnlineRotations", "StaticCalibration", "UntieEmbeddings", "default_pipeline", "static_quantization_passes",
 ]
@@ -29,7 +30,7 @@ def default_pipeline(rotate: str = "hadamard", seed: int = 0, strict: bool = Fal
     fallback for a size without a Hadamard construction."""
     if rotate not in ROTATIONS:
         raise QuantNpuError(f"unknown rotation {rotate!r}: choose one of {', '.join(ROTATIONS)}")
-    passes: list[GraphPass] = [FoldConstants(), AnnotateRoles(), RemoveOnlineRotations()]
+    passes: list[GraphPass] = [Canonicalize(), FoldConstants(), AnnotateRoles(), RemoveOnlineRotations()]
     if rotate != "none":
         passes += [UntieEmbeddings(), FoldNorms(), FuseRotations(kind=rotate, seed=seed, strict=strict), BakeRotations()]
     return passes

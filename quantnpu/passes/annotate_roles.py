@@ -3,53 +3,48 @@
 Annotated nodes (`node.meta["quantnpu"].role`):
 - `embedding`: the token-embedding lookup;
 - `layers.N.{q,k,v,o,gate,up,down}_proj`: the linear ops of decoder layer N;
-- `layers.N.input_norm`, `layers.N.post_attention_norm`, `final_norm`: the output node of each
-  RMSNorm (its weight multiply);
-- `layers.N.attention`: the scaled-dot-product attention op;
+- `layers.N.input_norm` (before attention), `layers.N.post_attention_norm` (before the MLP),
+  `final_norm`: the output node of each RMSNorm (its weight multiply, if it has one);
+- optional per layer: `layers.N.q_norm` / `k_norm` (Qwen3, Gemma-3: RMSNorm per head on the
+  query and key), `layers.N.attention_output_norm` / `mlp_output_norm` (Gemma-2/3 "sandwich"
+  norms on o_proj's and down_proj's outputs before the residual add);
+- `layers.N.attention`: the attention op: `scaled_dot_product_attention`, or for eager attention
+  (matmul, softmax, matmul) the matmul with the values;
 - `lm_head`: the output projection.
 
-The structure is read from `nn_module_stack` metadata when the export kept it (Hugging Face
-module names: `layers.N.self_attn.q_proj`, `layers.N.input_layernorm`, `norm`, `lm_head`, ...)
-and otherwise from the graph's shape: RMSNorm as pow/mean/add/rsqrt/mul, q/k/v told apart by
-the attention input they reach, gate by the SiLU it feeds. A graph that does not yield a
-complete decoder (every layer with its seven linears and two norms, one embedding, one final
-norm, one lm_head) is an error naming what is missing or the node that does not fit.
+The structure is read from the graph alone, whatever the module names (they differ between
+Hugging Face, ExecuTorch and other compilers, and a name can lie): RMSNorm is
+`x * rsqrt(mean(x * x) + eps) [* weight]`; q/k/v are told apart by the attention input they reach,
+gate from up by the activation (SiLU, GELU) it feeds, down as the linear reading the gated
+product. Anything that does not fit — a LayerNorm, a fused q/k/v or gate/up projection, parallel
+attention and MLP blocks, a norm somewhere else, a linear outside the pattern — is an error naming
+the node. Run `Canonicalize` and `FoldConstants` first.
 """
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 import torch.fx
 
 from quantnpu.errors import GraphStructureError
 from quantnpu.passes.base import GraphPass, PassResult
-from quantnpu.passes.fold_constants import EXPORT_ASSERTS, fetch_attr
+from quantnpu.passes.graph_utils import (
+    CASTS, EMBEDDING, GATE_ACTIVATIONS, LAYER_NORM, LINEAR, MATMUL, PASSTHROUGH, RSQRT, SDPA, SOFTMAX,
+    bfs_users, compute_nodes, data_users, fetch_attr, is_weight, skip_passthrough_backward,
+    skip_passthrough_forward, tensor_meta,
+)
 from quantnpu.passes.meta import (
     LAYER_LINEARS, LAYER_NORMS, MODEL_ROLES, NodeInfo, layer_role, model_role, node_info, set_node_info,
 )
 
 aten = torch.ops.aten
-LINEAR = aten.linear.default
-EMBEDDING = aten.embedding.default
-SDPA = aten.scaled_dot_product_attention.default
-
-# Ops that move or relabel data without computing: seen between a norm and its linears.
-PASSTHROUGH = {
-    aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.alias.default,
-    aten.clone.default, aten.view.default, aten.reshape.default, aten.transpose.int,
-    aten.permute.default, aten.unsqueeze.default, aten.squeeze.dim, aten.expand.default,
-    aten.contiguous.default,
-}
-
-_LAYER_LINEAR_PATH = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$")
-_LAYER_NORM_PATH = re.compile(r"(?:^|\.)layers\.(\d+)\.(input_layernorm|post_attention_layernorm)$")
-_LAYER_ATTENTION_PATH = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn$")
-_FINAL_NORM_PATH = re.compile(r"(?:^|\.)(?:model\.)?norm$")
-_LM_HEAD_PATH = re.compile(r"(?:^|\.)lm_head$")
-_NORM_KIND = {"input_layernorm": "input_norm", "post_attention_layernorm": "post_attention_norm"}
+OPTIONAL_LAYER_NORMS = ("q_norm", "k_norm", "attention_output_norm", "mlp_output_norm")
+# Ops allowed between an eager attention's score matmul and its softmax (scale, soft-cap, mask).
+_SPLITS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.slice.Tensor, aten.unbind.int}
+_SCORE_OPS = {aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor, aten.tanh.default} | CASTS
 
 
 def is_rotation_linear(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
@@ -58,7 +53,7 @@ def is_rotation_linear(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     if node.target != LINEAR or len(node.args) > 2 and node.args[2] is not None:
         return False
     weight = node.args[1]
-    if not isinstance(weight, torch.fx.Node) or weight.op != "get_attr":
+    if not is_weight(weight):
         return False
     value = fetch_attr(gm, weight.target)
     if not isinstance(value, torch.Tensor) or value.dim() != 2 or value.shape[0] != value.shape[1]:
@@ -69,169 +64,237 @@ def is_rotation_linear(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     return bool((value @ value.T - torch.eye(value.shape[0], dtype=torch.float64)).abs().max() < 1e-4)
 
 
-def _module_path(node: torch.fx.Node) -> str | None:
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return None
-    path = list(stack.values())[-1]
-    return path[0] if isinstance(path, tuple) else str(path)
+# ---- attention ------------------------------------------------------------------------------
+
+def _eager_scores(softmax: torch.fx.Node) -> torch.fx.Node | None:
+    """The matmul `q @ k^T` whose scores (scaled, capped, masked) reach `softmax`."""
+    node = softmax.args[0]
+    for _ in range(16):
+        if not isinstance(node, torch.fx.Node):
+            return None
+        if node.target in MATMUL:
+            return node
+        if node.target not in _SCORE_OPS:
+            return None
+        # follow the one input that depends on the scores (the others are constants or the mask)
+        inputs = [a for a in node.args if isinstance(a, torch.fx.Node) and a.op != "get_attr"]
+        if len(inputs) != 1:
+            inputs = [a for a in inputs if any(x.target in MATMUL for x in _upstream(a, 8))]
+            if len(inputs) != 1:
+                return None
+        node = inputs[0]
+    return None
 
 
-def _compute_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
-    return [n for n in gm.graph.nodes if n.op == "call_function"]
+def _upstream(node: torch.fx.Node, limit: int) -> list[torch.fx.Node]:
+    order, frontier = [], [node]
+    while frontier and len(order) < limit:
+        current = frontier.pop(0)
+        order.append(current)
+        frontier.extend(current.all_input_nodes)
+    return order
 
 
-def _roles_from_module_stack(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, NodeInfo]:
-    roles: dict[torch.fx.Node, NodeInfo] = {}
-    norm_outputs: dict[str, torch.fx.Node] = {}  # norm module path -> last node inside it
-    norm_info: dict[str, NodeInfo] = {}
-    for node in _compute_nodes(gm):
-        path = _module_path(node)
-        if path is None:
-            continue
-        if node.target == LINEAR:
-            if match := _LAYER_LINEAR_PATH.search(path):
-                roles[node] = layer_role(int(match.group(1)), match.group(2))
-            elif _LM_HEAD_PATH.search(path):
-                roles[node] = model_role("lm_head")
-        elif node.target == EMBEDDING:
-            roles[node] = model_role("embedding")
-        elif node.target == SDPA and (match := _LAYER_ATTENTION_PATH.search(path)):
-            roles[node] = layer_role(int(match.group(1)), "attention")
-        elif match := _LAYER_NORM_PATH.search(path):
-            norm_outputs[path] = node
-            norm_info[path] = layer_role(int(match.group(1)), _NORM_KIND[match.group(2)])
-        elif _FINAL_NORM_PATH.search(path):
-            norm_outputs[path] = node
-            norm_info[path] = model_role("final_norm")
-    for path, node in norm_outputs.items():
-        roles[node] = norm_info[path]
-    return roles
+def attention_inputs(node: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node, torch.fx.Node]:
+    """(query, key, value) as the attention op `node` reads them: SDPA's first three arguments, or
+    for eager attention (`node` is the value matmul) the score matmul's operands and the values."""
+    if node.target == SDPA:
+        return node.args[0], node.args[1], node.args[2]
+    probabilities = skip_passthrough_backward(node.args[0])
+    scores = _eager_scores(probabilities) if probabilities.target in SOFTMAX else None
+    if node.target not in MATMUL or scores is None:
+        raise GraphStructureError("not an attention op (scaled_dot_product_attention or softmax(q k^T) v)", node.name)
+    return scores.args[0], scores.args[1], node.args[1]
 
 
-# ---- structural fallback -------------------------------------------------------------------
-
-def _data_users(node: torch.fx.Node) -> list[torch.fx.Node]:
-    """Users that consume the value (export's metadata assertions do not)."""
-    return [u for u in node.users if u.target not in EXPORT_ASSERTS]
-
-
-def skip_passthrough_forward(node: torch.fx.Node) -> list[torch.fx.Node]:
-    """Users of `node`, looking through data-movement ops."""
-    found, frontier = [], _data_users(node)
-    while frontier:
-        user = frontier.pop(0)
-        if user.op == "call_function" and user.target in PASSTHROUGH:
-            frontier.extend(_data_users(user))
-        else:
-            found.append(user)
+def attention_ops(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    """Every attention op: SDPA nodes, and the value matmul of each eager softmax(q k^T) v."""
+    found = []
+    for node in compute_nodes(gm):
+        if node.target == SDPA:
+            found.append(node)
+        elif node.target in SOFTMAX and _eager_scores(node) is not None:
+            values = [u for u in skip_passthrough_forward(node) if u.target in MATMUL and skip_passthrough_backward(u.args[0]) is node]
+            if len(values) == 1:
+                found.append(values[0])
     return found
 
 
-def _is_weight(node: torch.fx.Node) -> bool:
-    return isinstance(node, torch.fx.Node) and node.op == "get_attr"
+def _attention_slots(gm: torch.fx.GraphModule) -> dict[tuple[torch.fx.Node, int], tuple[torch.fx.Node, int]]:
+    """(consumer, argument position) -> (attention op, 0 query | 1 key | 2 value)."""
+    slots = {}
+    for attention in attention_ops(gm):
+        if attention.target == SDPA:
+            for index in range(3):
+                slots[(attention, index)] = (attention, index)
+        else:
+            scores = _eager_scores(skip_passthrough_backward(attention.args[0]))
+            slots[(scores, 0)] = (attention, 0)
+            slots[(scores, 1)] = (attention, 1)
+            slots[(attention, 1)] = (attention, 2)
+    return slots
 
 
-def _norm_outputs(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
-    """Output node of every RMSNorm (x * rsqrt(mean(x^2) + eps) [* weight]), in graph order."""
-    outputs = []
-    for node in _compute_nodes(gm):
-        if node.target != aten.rsqrt.default:
-            continue
-        normalized = [u for u in _data_users(node) if u.target == aten.mul.Tensor]
-        if len(normalized) != 1:
-            raise GraphStructureError("rsqrt is not followed by the single multiply of an RMSNorm", node.name)
-        output = normalized[0]
-        while True:  # through casts to an optional multiply by the norm weight
-            users = _data_users(output)
-            nxt = [u for u in users if u.op == "call_function" and (
-                u.target in (aten.to.dtype, aten._to_copy.default, aten.alias.default)
-                or (u.target == aten.mul.Tensor and any(_is_weight(a) for a in u.args))
-            )]
-            if len(users) == 1 and len(nxt) == 1:
-                output = nxt[0]
-                if output.target == aten.mul.Tensor:
-                    break
-            else:
-                break
-        outputs.append(output)
-    return outputs
-
-
-def _attention_input_index(linear: torch.fx.Node, limit: int = 64) -> int | None:
-    """Which SDPA argument (0 = query, 1 = key, 2 = value) the linear's output flows into."""
+def _attention_input(gm, linear: torch.fx.Node, slots, limit: int = 96) -> tuple[torch.fx.Node, int] | None:
+    """The attention op and input (0 query, 1 key, 2 value) the linear's output flows into first."""
     frontier, seen = [linear], {linear}
     while frontier and len(seen) < limit:
         node = frontier.pop(0)
         for user in node.users:
-            if user.target == SDPA:
-                return user.args.index(node)
-            if user not in seen and (user.target != LINEAR or is_rotation_linear(linear.graph.owning_module, user)):
+            for position, arg in enumerate(user.args):
+                if arg is node and (user, position) in slots:
+                    return slots[(user, position)]
+            if user not in seen and (user.target != LINEAR or is_rotation_linear(gm, user)):
                 seen.add(user)
                 frontier.append(user)
     return None
 
 
-def _roles_from_structure(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, NodeInfo]:
+# ---- RMSNorm --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RmsNorm:
+    input: torch.fx.Node        # x
+    normalized: torch.fx.Node   # x * rsqrt(mean(x * x) + eps)
+    output: torch.fx.Node       # the weight multiply, else `normalized` (after casts)
+    weight: torch.fx.Node | None
+
+
+def _is_square_of(node: object, x: torch.fx.Node) -> bool:
+    if not isinstance(node, torch.fx.Node):
+        return False
+    if node.target == aten.mul.Tensor:
+        return node.args[0] is x and node.args[1] is x
+    return node.target in (aten.pow.Tensor_Scalar, aten.pow.Tensor_Tensor) and node.args[0] is x and node.args[1] in (2, 2.0)
+
+
+def _norm_weight(gm: torch.fx.GraphModule, node: torch.fx.Node, normalized: torch.fx.Node) -> torch.fx.Node | None:
+    if node.target != aten.mul.Tensor:
+        return None
+    for a, b in (node.args, node.args[::-1]):
+        if b is normalized and is_weight(a) and isinstance(value := fetch_attr(gm, a.target), torch.Tensor) and value.dim() == 1:
+            return a
+    return None
+
+
+def rms_norms(gm: torch.fx.GraphModule) -> list[RmsNorm]:
+    """Every RMSNorm in graph order; an rsqrt that is not one is an error naming it."""
+    norms = []
+    for node in compute_nodes(gm):
+        if node.target in LAYER_NORM:
+            raise GraphStructureError("LayerNorm (mean-subtracted, with bias) is not supported: only RMSNorm decoders are", node.name)
+        if node.target != RSQRT:
+            continue
+        products = [u for u in data_users(node) if u.target == aten.mul.Tensor]
+        variance = node.args[0]
+        mean = variance.args[0] if isinstance(variance, torch.fx.Node) and variance.target == aten.add.Tensor else None
+        if len(products) != 1 or not isinstance(mean, torch.fx.Node) or mean.target != aten.mean.dim:
+            raise GraphStructureError("rsqrt is not the x * rsqrt(mean(x * x) + eps) of an RMSNorm", node.name)
+        normalized = products[0]
+        x = normalized.args[0] if normalized.args[1] is node else normalized.args[1]
+        if not _is_square_of(mean.args[0], x):
+            raise GraphStructureError("normalization is not an RMSNorm (x * rsqrt(mean(x * x) + eps)); "
+                                      "mean-subtracted norms are not supported", node.name)
+        output, weight = normalized, None
+        while True:
+            users = data_users(output)
+            if len(users) != 1:
+                break
+            user = users[0]
+            if user.target in CASTS and user.args[0] is output:
+                output = user
+            elif (found := _norm_weight(gm, user, output)) is not None:
+                output, weight = user, found
+                break
+            else:
+                break
+        norms.append(RmsNorm(x, normalized, output, weight))
+    return norms
+
+
+# ---- recognition ----------------------------------------------------------------------------
+
+def _gate_activation(linear: torch.fx.Node) -> torch.fx.Node | None:
+    activations = [u for u in skip_passthrough_forward(linear) if u.target in GATE_ACTIVATIONS]
+    return activations[0] if len(activations) == 1 else None
+
+
+def find_roles(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, NodeInfo]:
+    """Roles of the graph's nodes (see the module docstring); raises GraphStructureError."""
     roles: dict[torch.fx.Node, NodeInfo] = {}
-    embeddings = [n for n in _compute_nodes(gm) if n.target == EMBEDDING]
-    if len(embeddings) == 1:
+    embeddings = [n for n in compute_nodes(gm) if n.target == EMBEDDING]
+    if len(embeddings) > 1:
+        raise GraphStructureError(f"{len(embeddings)} embedding lookups; a decoder LM has one", embeddings[1].name)
+    if embeddings:
         roles[embeddings[0]] = model_role("embedding")
-    norms = _norm_outputs(gm)
-    attention_norms = 0
-    for norm in norms:
-        linears = list(dict.fromkeys(u for u in skip_passthrough_forward(norm) if u.target == LINEAR and not is_rotation_linear(gm, u)))
-        if len(linears) == 3:  # attention block: q, k, v
-            layer = attention_norms
-            attention_norms += 1
-            roles[norm] = layer_role(layer, "input_norm")
-            for linear in linears:
-                index = _attention_input_index(linear)
-                if index not in (0, 1, 2):
-                    raise GraphStructureError("linear after an attention norm reaches no attention input", linear.name)
-                roles[linear] = layer_role(layer, ("q_proj", "k_proj", "v_proj")[index])
-                sdpa = next(u for u in _bfs_users(linear) if u.target == SDPA)
-                roles[sdpa] = layer_role(layer, "attention")
-                outputs = [u for u in skip_passthrough_forward(sdpa) if u.target == LINEAR and not is_rotation_linear(gm, u)]
-                if len(outputs) != 1:
-                    raise GraphStructureError("attention output does not feed exactly one linear (o_proj)", sdpa.name)
-                roles[outputs[0]] = layer_role(layer, "o_proj")
-        elif len(linears) == 2:  # MLP block: gate, up -> down
-            layer = attention_norms - 1
-            if layer < 0:
-                raise GraphStructureError("MLP norm before any attention block", norm.name)
-            roles[norm] = layer_role(layer, "post_attention_norm")
-            gates = [l for l in linears if any(u.target == aten.silu.default for u in skip_passthrough_forward(l))]
+    slots = _attention_slots(gm)
+    norms = rms_norms(gm)
+    layers = 0
+    deferred: list[RmsNorm] = []
+    for index, norm in enumerate(norms):
+        readers = list(dict.fromkeys(u for u in skip_passthrough_forward(norm.output)
+                                     if u.target == LINEAR and not is_rotation_linear(gm, u)))
+        targets = [_attention_input(gm, linear, slots) for linear in readers]
+        if not readers:
+            deferred.append(norm)
+        elif all(t is not None for t in targets) and len(readers) == 3 and len({t[0] for t in targets}) == 1 \
+                and sorted(t[1] for t in targets) == [0, 1, 2]:
+            layer, layers = layers, layers + 1
+            roles[norm.output] = layer_role(layer, "input_norm")
+            attention = targets[0][0]
+            roles[attention] = layer_role(layer, "attention")
+            for linear, (_, slot) in zip(readers, targets):
+                roles[linear] = layer_role(layer, ("q_proj", "k_proj", "v_proj")[slot])
+            outputs = [u for u in skip_passthrough_forward(attention) if u.target == LINEAR and not is_rotation_linear(gm, u)]
+            if len(outputs) != 1:
+                raise GraphStructureError("attention output does not feed exactly one linear (o_proj)", attention.name)
+            roles[outputs[0]] = layer_role(layer, "o_proj")
+        elif len(readers) == 1 and targets[0] is not None:
+            raise GraphStructureError("a fused q/k/v projection (one linear for query, key and value) is not supported; "
+                                      "split it into q_proj, k_proj and v_proj", readers[0].name)
+        elif len(readers) == 2 and all(t is None for t in targets):
+            gates = [linear for linear in readers if _gate_activation(linear) is not None]
             if len(gates) != 1:
-                raise GraphStructureError("cannot tell gate_proj (feeds SiLU) from up_proj", linears[0].name)
+                raise GraphStructureError("cannot tell gate_proj (feeds SiLU/GELU) from up_proj", readers[0].name)
+            if layers == 0:
+                raise GraphStructureError("MLP norm before any attention block", norm.output.name)
+            layer = layers - 1
             gate = gates[0]
-            up = next(l for l in linears if l is not gate)
+            up = next(linear for linear in readers if linear is not gate)
+            roles[norm.output] = layer_role(layer, "post_attention_norm")
             roles[gate] = layer_role(layer, "gate_proj")
             roles[up] = layer_role(layer, "up_proj")
-            products = [u for u in skip_passthrough_forward(up) if u.target == aten.mul.Tensor]
+            activation = _gate_activation(gate)
+            products = [u for u in skip_passthrough_forward(up) if u.target == aten.mul.Tensor
+                        and any(skip_passthrough_backward(a) is activation for a in u.args)]
             # the first linear after the gated product (an online rotation may sit between)
-            downs = [next((u for u in _bfs_users(p) if u.target == LINEAR and not is_rotation_linear(gm, u)), None) for p in products]
+            downs = [next((u for u in bfs_users(p) if u.target == LINEAR and not is_rotation_linear(gm, u)), None) for p in products]
             downs = [d for d in downs if d is not None]
             if len(downs) != 1:
-                raise GraphStructureError("gated product does not feed exactly one linear (down_proj)", up.name)
+                raise GraphStructureError("gated product act(gate_proj) * up_proj does not feed exactly one linear (down_proj)", up.name)
             roles[downs[0]] = layer_role(layer, "down_proj")
-        elif len(linears) == 1 and norm is norms[-1]:
-            roles[norm] = model_role("final_norm")
-            roles[linears[0]] = model_role("lm_head")
+        elif len(readers) == 1 and index == len(norms) - 1:
+            roles[norm.output] = model_role("final_norm")
+            roles[readers[0]] = model_role("lm_head")
+        elif len(readers) == 1 and any(u.target in _SPLITS for u in skip_passthrough_forward(readers[0])):
+            raise GraphStructureError("a fused gate/up projection (one linear for both) is not supported; "
+                                      "split it into gate_proj and up_proj", readers[0].name)
         else:
-            raise GraphStructureError(f"RMSNorm output feeds {len(linears)} linears; expected 3 (q/k/v), 2 (gate/up) or 1 (lm_head)", norm.name)
+            hint = " (parallel attention and MLP blocks reading one norm are not supported)" if len(readers) > 3 else ""
+            raise GraphStructureError(f"RMSNorm output feeds {len(readers)} linears; expected 3 (q/k/v), 2 (gate/up) "
+                                      f"or 1 (lm_head){hint}", norm.output.name)
+    by_node = {node: info for node, info in roles.items()}
+    for norm in deferred:
+        source = skip_passthrough_backward(norm.input)
+        info = by_node.get(source)
+        kind = {"q_proj": "q_norm", "k_proj": "k_norm", "o_proj": "attention_output_norm",
+                "down_proj": "mlp_output_norm"}.get(info.kind if info else None)
+        if kind is None:
+            raise GraphStructureError("RMSNorm reads neither the residual stream nor a q/k/o/down projection's output; "
+                                      "a norm in this place is not supported", norm.output.name)
+        roles[norm.output] = layer_role(info.layer, kind)
+    _validate(gm, roles)
     return roles
-
-
-def _bfs_users(node: torch.fx.Node, limit: int = 64) -> list[torch.fx.Node]:
-    order, frontier, seen = [], [node], {node}
-    while frontier and len(order) < limit:
-        for user in frontier.pop(0).users:
-            if user not in seen:
-                seen.add(user)
-                order.append(user)
-                frontier.append(user)
-    return order
 
 
 def _validate(gm: torch.fx.GraphModule, roles: dict[torch.fx.Node, NodeInfo]) -> None:
@@ -253,34 +316,16 @@ def _validate(gm: torch.fx.GraphModule, roles: dict[torch.fx.Node, NodeInfo]) ->
         for kind in LAYER_LINEARS + LAYER_NORMS:
             if f"layers.{layer}.{kind}" not in by_role:
                 raise GraphStructureError(f"decoder layer {layer} has no {kind}")
-    unexplained = [n for n in _compute_nodes(gm) if n.target == LINEAR and n not in roles and not is_rotation_linear(gm, n)]
+    unexplained = [n for n in compute_nodes(gm) if n.target == LINEAR and n not in roles and not is_rotation_linear(gm, n)]
     if unexplained:
         raise GraphStructureError("linear is not part of any recognised decoder layer or lm_head", unexplained[0].name)
-
-
-def find_roles(gm: torch.fx.GraphModule, use_module_stack: bool = True) -> dict[torch.fx.Node, NodeInfo]:
-    """Roles of the graph's nodes (see the module docstring); raises GraphStructureError."""
-    has_stack = any(_module_path(n) for n in _compute_nodes(gm))
-    if use_module_stack and has_stack:
-        roles = _roles_from_module_stack(gm)
-        try:
-            _validate(gm, roles)
-            return roles
-        except GraphStructureError:
-            pass  # module names of another model family: read the structure instead
-    roles = _roles_from_structure(gm)
-    _validate(gm, roles)
-    return roles
 
 
 class AnnotateRoles(GraphPass):
     """Record every structural role on its node (see the module docstring)."""
 
-    def __init__(self, use_module_stack: bool = True) -> None:
-        self.use_module_stack = use_module_stack
-
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
-        roles = find_roles(gm, self.use_module_stack)
+        roles = find_roles(gm)
         modified = False
         for node, info in roles.items():
             current = node_info(node)
@@ -302,7 +347,7 @@ class DecoderDims:
             raise GraphStructureError("no roles on the graph: run AnnotateRoles first")
         self.layers = 1 + max(node_info(n).layer for n in by_role.values() if node_info(n).layer is not None)
         attention = by_role["layers.0.attention"]
-        query = attention.args[0].meta.get("val") if isinstance(attention.args[0], torch.fx.Node) else None
+        query = tensor_meta(attention_inputs(attention)[0])
         if query is None or query.dim() != 4:
             raise GraphStructureError("attention query has no [batch, heads, seq, head_dim] shape metadata", attention.name)
         self.head_dim = int(query.shape[-1])

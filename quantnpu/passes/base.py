@@ -28,6 +28,9 @@ class GraphPass(PassBase):
     `ensures`, and list in `run_after` the pass classes that must run earlier when present."""
 
     run_after: tuple[type[GraphPass], ...] = ()
+    # The verifier checks the function after a pass that should keep it; a pass that changes it
+    # on purpose (quantization) says so, and verification ends there.
+    preserves_function: bool = True
 
     @property
     def name(self) -> str:
@@ -71,6 +74,11 @@ class PassManager:
     gets a `PassRecord` (time, node counts, a one-line summary of the op-count change).
     `stop_after` names a pass after which the run stops, so the intermediate graph can be seen.
     Any failure is re-raised as `PassFailedError` naming the pass (and the node, when known).
+
+    `verify` (on by default): the input graph's logits on seeded random token ids are the
+    reference, and after each pass that `preserves_function`, up to the first one that does not,
+    the graph must still compute them (`passes/verify.py`); the first pass that changed them is
+    the one named. Turn it off only for a graph that is not a token-ids -> logits decoder.
     """
 
     def __init__(
@@ -78,7 +86,9 @@ class PassManager:
         passes: Sequence[GraphPass],
         stop_after: str | None = None,
         progress: bool = False,
+        verify: bool = True,
     ) -> None:
+        self.verify = verify
         self.passes = list(passes)
         names = [p.name for p in self.passes]
         if stop_after is not None and stop_after not in names:
@@ -102,6 +112,14 @@ class PassManager:
 
     def run(self, gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         self.records = []
+        check = None
+        if self.verify and self.passes and self.passes[0].preserves_function:
+            from quantnpu.passes.verify import FunctionCheck
+
+            try:
+                check = FunctionCheck(gm)
+            except QuantNpuError as error:
+                raise QuantNpuError(f"verifier: {error} (PassManager(verify=False) skips the check)") from error
         bar = tqdm(self.passes, desc="passes", disable=not self.progress, unit="pass")
         for graph_pass in bar:
             bar.set_postfix_str(graph_pass.name)
@@ -116,6 +134,14 @@ class PassManager:
                     modified = True
                 gm.graph.lint()
                 gm.recompile()
+                if check is not None and not graph_pass.preserves_function:
+                    check = None  # the function changes on purpose from here on
+                if check is not None:
+                    difference = check.difference(gm)
+                    if not difference <= check.tolerance:
+                        from quantnpu.passes.verify import FunctionChangedError
+
+                        raise FunctionChangedError(f"it changed the function: {check.describe(difference)}")
             except PassFailedError:
                 raise
             except (QuantNpuError, AssertionError, RuntimeError, ValueError, KeyError, TypeError) as error:

@@ -19,18 +19,11 @@ from torch.fx.node import map_arg
 
 from quantnpu.passes.base import GraphPass, PassResult
 
+from quantnpu.passes.graph_utils import EXPORT_ASSERTS, fetch_attr
+
 aten = torch.ops.aten
-# Metadata assertions torch.export leaves in the graph: they consume no value.
-EXPORT_ASSERTS = {aten._assert_tensor_metadata.default, aten._assert_scalar.default}
 _NONDETERMINISTIC = {aten.rand.default, aten.randn.default, aten.randint.default, aten.dropout.default,
                      aten.bernoulli.default, aten.normal.Tensor_float, aten.empty.memory_format}
-
-
-def fetch_attr(gm: torch.fx.GraphModule, target: str):
-    value = gm
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
 
 
 def evaluate_nodes(

@@ -12,7 +12,8 @@ import torch
 import torch.fx
 
 from quantnpu.errors import GraphStructureError
-from quantnpu.passes.annotate_roles import AnnotateRoles, skip_passthrough_forward
+from quantnpu.passes.annotate_roles import AnnotateRoles
+from quantnpu.passes.graph_utils import skip_passthrough_forward
 from quantnpu.passes.base import GraphPass, PassResult
 from quantnpu.passes.meta import node_info, nodes_by_role, set_node_info
 from quantnpu.passes.untie_embeddings import UntieEmbeddings

@@ -11,9 +11,17 @@ parameters of the graph module named `quantnpu_R1` and `quantnpu_R2_<i>`:
 Each weight's get_attr is replaced by the ops computing the rotated weight (matmul, permute,
 reshape), so a later pass can learn R1/R2 through them (stage one) and BakeRotations folds them.
 Linear nodes record whether their input activation is now rotated (`NodeInfo.rotated`).
+
+R1 is applied only where it is exact. An RMSNorm commutes with an orthogonal map only without a
+per-channel weight; input norms lose theirs to FoldNorms, but a "sandwich" norm on o_proj's or
+down_proj's output (Gemma-2/3) keeps a weight between the writer and the residual add. With a
+non-uniform weight there, R1 is not applied (R2 still is, inside attention), with a warning
+naming the norm; `skipped_r1` says why.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.fx
@@ -22,7 +30,7 @@ from quantnpu.errors import GraphStructureError
 from quantnpu.passes.annotate_roles import AnnotateRoles, DecoderDims
 from quantnpu.passes.base import GraphPass, PassResult
 from quantnpu.passes.fold_norms import FoldNorms, weighted_norms
-from quantnpu.passes.meta import LAYER_LINEARS, nodes_by_role, update_node_info
+from quantnpu.passes.meta import LAYER_LINEARS, node_info, nodes_by_role, update_node_info
 from quantnpu.passes.untie_embeddings import UntieEmbeddings, embedding_is_tied
 from quantnpu.passes.weights import add_weight, weight_tensor
 from quantnpu.quantizers.hadamard import rotation_matrix
@@ -32,6 +40,24 @@ R1_NAME = "quantnpu_R1"
 R2_PREFIX = "quantnpu_R2_"
 READERS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 WRITERS = ("o_proj", "down_proj")
+
+
+def r1_obstruction(gm: torch.fx.GraphModule) -> tuple[torch.fx.Node, str] | None:
+    """(node, reason) when rotating the residual stream by R1 would change the function, else None."""
+    from quantnpu.passes.fold_norms import norm_weight
+
+    for node in gm.graph.nodes:
+        info = node_info(node)
+        if info is None or info.kind not in ("attention_output_norm", "mlp_output_norm"):
+            continue
+        found = norm_weight(node)
+        if found is not None:
+            gamma = weight_tensor(gm, found[0])
+            if not bool((gamma == gamma.flatten()[0]).all()):
+                writer = "o_proj" if info.kind == "attention_output_norm" else "down_proj"
+                return node, (f"{info.role}: an RMSNorm with a per-channel weight on {writer}'s output before the residual add "
+                              "does not commute with R1")
+    return None
 
 
 def is_rotation_target(target: str) -> bool:
@@ -67,6 +93,7 @@ class FuseRotations(GraphPass):
         """`strict`: a size with no Hadamard construction is an error rather than a QR fallback
         (for a user who asked for Hadamard explicitly)."""
         self.kind, self.seed, self.r2, self.strict = kind, seed, r2, strict
+        self.skipped_r1: str | None = None
 
     def requires(self, gm: torch.fx.GraphModule) -> None:
         if weighted_norms(gm):
@@ -82,11 +109,17 @@ class FuseRotations(GraphPass):
         graph = gm.graph
         dtype = weight_tensor(gm, by_role["lm_head"].args[1]).dtype
         first = next(iter(graph.nodes))
-        r1 = self._parameter(gm, graph, first, R1_NAME, rotation_matrix(dims.hidden, self.kind, self.seed, self.strict), dtype)
-
-        embedding = by_role["embedding"]
-        build = _Builder(gm, embedding)
-        embedding.args = (build.op(aten.matmul.default, embedding.args[0], r1),) + tuple(embedding.args[1:])
+        obstruction = r1_obstruction(gm)
+        self.skipped_r1 = None
+        r1 = None
+        if obstruction is None:
+            r1 = self._parameter(gm, graph, first, R1_NAME, rotation_matrix(dims.hidden, self.kind, self.seed, self.strict), dtype)
+            embedding = by_role["embedding"]
+            build = _Builder(gm, embedding)
+            embedding.args = (build.op(aten.matmul.default, embedding.args[0], r1),) + tuple(embedding.args[1:])
+        else:
+            self.skipped_r1 = f"%{obstruction[0].name} ({obstruction[1]})"
+            warnings.warn(f"R1 not applied, only R2: {self.skipped_r1}", stacklevel=2)
 
         for layer in range(dims.layers):
             r2 = None
@@ -96,12 +129,12 @@ class FuseRotations(GraphPass):
             for kind in LAYER_LINEARS:
                 linear = by_role[f"layers.{layer}.{kind}"]
                 self._rotate_linear(gm, linear, kind, r1, r2, dims)
-                rotated = kind in READERS or (kind == "o_proj" and r2 is not None)
+                rotated = (kind in READERS and r1 is not None) or (kind == "o_proj" and r2 is not None)
                 update_node_info(linear, rotated=rotated)
         lm_head = by_role["lm_head"]
         self._rotate_linear(gm, lm_head, "lm_head", r1, None, dims)
-        update_node_info(lm_head, rotated=True)
-        return PassResult(gm, True)
+        update_node_info(lm_head, rotated=r1 is not None)
+        return PassResult(gm, r1 is not None or self.r2)
 
     @staticmethod
     def _parameter(gm, graph, first, name, matrix, dtype) -> torch.fx.Node:
@@ -118,7 +151,7 @@ class FuseRotations(GraphPass):
         bias = linear.args[2] if len(linear.args) > 2 else None
         if weight.op != "get_attr":
             raise GraphStructureError("linear weight is not a plain parameter (rotated already?)", linear.name)
-        if kind in READERS or kind == "lm_head":
+        if r1 is not None and (kind in READERS or kind == "lm_head"):
             weight = build.op(aten.matmul.default, weight, r1)                       # W R1
         if kind == "v_proj" and r2 is not None:
             heads = build.op(aten.reshape.default, weight, [dims.kv_heads, dims.head_dim, dims.hidden])
@@ -131,7 +164,7 @@ class FuseRotations(GraphPass):
             columns = build.op(aten.reshape.default, weight, [dims.hidden, dims.heads, dims.head_dim])
             columns = build.op(aten.matmul.default, columns, r2)                       # W_o[:, h] R2
             weight = build.op(aten.reshape.default, columns, [dims.hidden, dims.heads * dims.head_dim])
-        if kind in WRITERS:
+        if r1 is not None and kind in WRITERS:
             weight = build.op(aten.matmul.default, build.transpose(r1), weight)        # R1^T W
             if bias is not None:
                 bias = build.op(aten.matmul.default, bias, r1)                         # R1^T b
@@ -139,7 +172,8 @@ class FuseRotations(GraphPass):
 
     def ensures(self, gm: torch.fx.GraphModule) -> None:
         by_role = nodes_by_role(gm)
-        for role in ("embedding", "lm_head", "layers.0.q_proj", "layers.0.down_proj"):
+        roles = (("layers.0.o_proj",) if self.r2 else ()) if self.skipped_r1 else ("embedding", "lm_head", "layers.0.q_proj", "layers.0.down_proj")
+        for role in roles:
             node = by_role[role]
             weight = node.args[0] if role == "embedding" else node.args[1]
             assert weight.op != "get_attr", f"{role} weight was not rotated"

@@ -20,7 +20,7 @@ import torch.fx
 
 from quantnpu.errors import GraphStructureError
 from quantnpu.passes.base import GraphPass, PassResult
-from quantnpu.passes.fold_constants import EXPORT_ASSERTS
+from quantnpu.passes.graph_utils import EXPORT_ASSERTS
 
 _QUANTIZE = ("quantize_per_tensor", "quantize_per_channel")
 _DEQUANTIZE = ("dequantize_per_tensor", "dequantize_per_channel")
@@ -72,6 +72,8 @@ def integer_only_violations(gm: torch.fx.GraphModule) -> list[str]:
 
 class IntegerOnlyCheck(GraphPass):
     """Raises, listing every violation, unless the converted graph is integer-only and static."""
+
+    preserves_function = False  # reads a quantized graph; nothing to compare with the float one
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         violations = integer_only_violations(gm)

@@ -20,7 +20,8 @@ import torch
 import torch.fx
 
 from quantnpu.errors import GraphStructureError
-from quantnpu.passes.annotate_roles import PASSTHROUGH, AnnotateRoles, DecoderDims, is_rotation_linear
+from quantnpu.passes.annotate_roles import AnnotateRoles, DecoderDims, attention_inputs, is_rotation_linear
+from quantnpu.passes.graph_utils import PASSTHROUGH
 from quantnpu.passes.base import GraphPass, PassResult
 from quantnpu.passes.fold_constants import input_independent_nodes
 from quantnpu.passes.meta import node_info, nodes_by_role
@@ -75,7 +76,7 @@ def _online_rotations(gm: torch.fx.GraphModule):
             if (matrix := rotation_matrix_of(gm, producer, constant)) is not None:
                 r4.append((producer, node, matrix))
         elif info.kind == "attention":
-            q, k = (_producer_through_passthrough(a) for a in node.args[:2])
+            q, k = (_producer_through_passthrough(a) for a in attention_inputs(node)[:2])
             mq, mk = rotation_matrix_of(gm, q, constant), rotation_matrix_of(gm, k, constant)
             if mq is None and mk is None:
                 continue

@@ -115,7 +115,8 @@ def _reads_softmax(node: torch.fx.Node, limit: int = 16) -> bool:
 
 def label_tensors(gm: torch.fx.GraphModule, groups: dict[int, ObservedTensor]) -> None:
     """Labels, rotated flags and weight flags for each observed tensor, from the ops that read it."""
-    model_rotated = any((i := node_info(n)) is not None and i.rotated for n in gm.graph.nodes if n.target in LINEARS)
+    # R1 applied: a reader of the residual stream has a rotated input (R2 alone rotates only o_proj's)
+    model_rotated = any((i := node_info(n)) is not None and i.rotated and i.kind != "o_proj" for n in gm.graph.nodes if n.target in LINEARS)
     for node in gm.graph.nodes:
         info = node_info(node)
         if node.target in LINEARS and info is not None:
@@ -212,6 +213,7 @@ class InsertStaticObservers(GraphPass):
     """See the module docstring. `deviations` lists what HTP legalization changed in the plan."""
 
     run_after = (AnnotateRoles, PrepareForQnn)
+    preserves_function = False  # observers keep values, but a verifier's ids would enter their statistics
 
     def __init__(self, plan: BitPlan, soc: str = "SM8650", legalize: bool = True) -> None:
         self.plan = plan
@@ -279,6 +281,7 @@ class StaticCalibration(GraphPass):
     exactly where `convert_pt2e` will put quantize/dequantize ops."""
 
     run_after = (InsertStaticObservers,)
+    preserves_function = False  # the result is the fake-quant graph
 
     def __init__(self, batches: Sequence[torch.Tensor], progress: bool = True, soc: str = "SM8650") -> None:
         self.batches = list(batches)

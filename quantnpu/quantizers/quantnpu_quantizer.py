@@ -51,9 +51,22 @@ def _qnn_quantizer_base(soc: str):
 
 
 def qnn_annotation_transforms(gm: torch.fx.GraphModule, soc: str = "SM8650") -> torch.fx.GraphModule:
-    """ExecuTorch's QNN transforms that run before annotation (decompositions, recompositions)."""
+    """ExecuTorch's QNN transforms that run before annotation (decompositions, recompositions),
+    except `RecomposeRmsNorm`: on a norm whose weight was folded away it takes the next multiply's
+    constant operand (e.g. a RoPE table) for the weight and writes a different function (found by
+    the verifier). quantnpu quantizes RMSNorm op by op anyway."""
     base, dtypes, chip = _qnn_quantizer_base(soc)
-    return base(soc_model=chip).transform_for_annotation(gm)
+    from executorch.backends.qualcomm._passes import RecomposeRmsNorm
+    from executorch.backends.qualcomm._passes.qnn_pass_manager import get_qnn_pass_manager_cls
+
+    manager_cls = get_qnn_pass_manager_cls(base(soc_model=chip).backend)
+
+    class _WithoutRmsNormRecomposition(manager_cls):
+        @classmethod
+        def get_annotation_passes(cls):
+            return [p for p in super().get_annotation_passes() if p is not RecomposeRmsNorm]
+
+    return _WithoutRmsNormRecomposition().transform_for_annotation_pipeline(gm)
 
 
 def is_weight_edge(tensor: torch.fx.Node, consumer: torch.fx.Node) -> bool:

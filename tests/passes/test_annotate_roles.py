@@ -46,18 +46,23 @@ def test_annotates_every_decoder_role_on_tiny_llama():
     """)
 
 
-def _roles(gm, use_module_stack=True):
-    return {node.name: info.role for node, info in find_roles(gm, use_module_stack).items()}
+def _roles(gm):
+    return {node.name: info.role for node, info in find_roles(gm).items()}
+
+
+def _without_module_names(gm):
+    gm = copy.deepcopy(gm)
+    for node in gm.graph.nodes:  # a graph from a compiler that keeps no module metadata
+        node.meta.pop("nn_module_stack", None)
+    return gm
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_structural_fallback_agrees_with_module_stack(kind):
+def test_roles_come_from_the_structure_not_the_module_names(kind):
     gm = tiny_graph(kind, layers=3)
-    from_stack = _roles(gm)
-    for node in gm.graph.nodes:  # a graph from a compiler that keeps no module metadata
-        node.meta.pop("nn_module_stack", None)
-    assert _roles(gm, use_module_stack=True) == from_stack  # falls back on its own
-    assert len(from_stack) == 3 + 3 * 10
+    roles = _roles(gm)
+    assert _roles(_without_module_names(gm)) == roles
+    assert len(roles) == 3 + 3 * 10
 
 
 def test_weights_of_annotated_linears_are_the_right_parameters():
@@ -81,11 +86,8 @@ def test_weights_of_annotated_linears_are_the_right_parameters():
 def test_roles_found_for_any_gqa_shape(layers, kv_heads, group, head_dim, tied):
     heads = kv_heads * group
     gm = tiny_graph("llama", layers=layers, hidden=heads * head_dim, heads=heads, kv_heads=kv_heads, tied=tied)
-    structural = copy.deepcopy(gm)
-    for node in structural.graph.nodes:
-        node.meta.pop("nn_module_stack", None)
     roles = _roles(gm)
-    assert roles == _roles(structural)
+    assert roles == _roles(_without_module_names(gm))
     assert sum(r.endswith("q_proj") for r in roles.values()) == layers
 
 
@@ -116,7 +118,7 @@ def test_a_linear_outside_the_decoder_pattern_is_named():
         find_roles(gm)
 
 
-def test_wrong_module_names_fall_back_on_the_structure():
+def test_wrong_module_names_change_nothing():
     gm = tiny_graph("llama", layers=2)
     expected = _roles(gm)
     up = next(n for n, info in find_roles(gm).items() if info.role == "layers.1.up_proj")

@@ -1,0 +1,131 @@
+"""Op sets and graph walkers shared by the passes (one home for each)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.fx
+
+aten = torch.ops.aten
+LINEAR = aten.linear.default
+EMBEDDING = aten.embedding.default
+SDPA = aten.scaled_dot_product_attention.default
+SOFTMAX = {aten._softmax.default, aten.softmax.int, aten._safe_softmax.default}
+MATMUL = {aten.matmul.default, aten.bmm.default}
+RSQRT = aten.rsqrt.default
+# Activations that gate an MLP (SwiGLU, GeGLU: `act(gate) * up`).
+GATE_ACTIVATIONS = {aten.silu.default, aten.gelu.default}
+LAYER_NORM = {aten.layer_norm.default, aten.native_layer_norm.default}
+# Metadata assertions torch.export leaves in the graph: they consume no value.
+EXPORT_ASSERTS = {aten._assert_tensor_metadata.default, aten._assert_scalar.default}
+CASTS = {aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.type_as.default}
+# Ops that move or relabel data without computing.
+PASSTHROUGH = {
+    aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.alias.default,
+    aten.clone.default, aten.view.default, aten.reshape.default, aten.transpose.int,
+    aten.permute.default, aten.unsqueeze.default, aten.squeeze.dim, aten.expand.default,
+    aten.contiguous.default, aten.type_as.default,
+}
+
+
+def fetch_attr(gm: torch.fx.GraphModule, target: str):
+    value = gm
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def compute_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def data_users(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """Users that consume the value (export's metadata assertions do not)."""
+    return [u for u in node.users if u.target not in EXPORT_ASSERTS]
+
+
+def is_passthrough(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and node.target in PASSTHROUGH
+
+
+def skip_passthrough_forward(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """Users of `node`, looking through data-movement ops."""
+    found, frontier = [], data_users(node)
+    while frontier:
+        user = frontier.pop(0)
+        if is_passthrough(user):
+            frontier.extend(data_users(user))
+        else:
+            found.append(user)
+    return found
+
+
+def skip_passthrough_backward(node: torch.fx.Node) -> torch.fx.Node:
+    """The value `node` relabels, looking back through data-movement ops."""
+    while isinstance(node, torch.fx.Node) and is_passthrough(node) and isinstance(node.args[0], torch.fx.Node):
+        node = node.args[0]
+    return node
+
+
+def bfs_users(node: torch.fx.Node, limit: int = 64) -> list[torch.fx.Node]:
+    """Nodes downstream of `node`, nearest first, at most `limit`."""
+    order, frontier, seen = [], [node], {node}
+    while frontier and len(order) < limit:
+        for user in frontier.pop(0).users:
+            if user not in seen:
+                seen.add(user)
+                order.append(user)
+                frontier.append(user)
+    return order
+
+
+def ancestors(node: torch.fx.Node) -> Iterator[torch.fx.Node]:
+    """Every node `node` is computed from (itself included)."""
+    seen, stack = set(), [node]
+    while stack:
+        current = stack.pop()
+        if current not in seen:
+            seen.add(current)
+            yield current
+            stack.extend(current.all_input_nodes)
+
+
+def tensor_meta(node: object) -> torch.Tensor | None:
+    value = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def is_weight(node: object) -> bool:
+    return isinstance(node, torch.fx.Node) and node.op == "get_attr"
+
+
+def scalar_constant(gm: torch.fx.GraphModule, value: object) -> float | None:
+    """The number `value` stands for when it is a Python scalar or a one-element constant tensor."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if is_weight(value):
+        tensor = fetch_attr(gm, value.target)
+        if isinstance(tensor, torch.Tensor) and tensor.numel() == 1:
+            return float(tensor)
+    return None
+
+
+def meta_like(value: object) -> object:
+    """A meta-device stand-in for an fx argument (its recorded value), for shape inference."""
+    if isinstance(value, torch.fx.Node):
+        val = value.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            return torch.empty(val.shape, dtype=val.dtype, device="meta")
+        return val
+    if isinstance(value, (list, tuple)):
+        return type(value)(meta_like(v) for v in value)
+    return value
+
+
+def insert_call(graph: torch.fx.Graph, before: torch.fx.Node, target, *args, **kwargs) -> torch.fx.Node:
+    """A new call_function node before `before`, with its `val` metadata inferred on meta tensors."""
+    with graph.inserting_before(before):
+        node = graph.call_function(target, args, kwargs)
+    node.meta["val"] = target(*meta_like(list(args)), **{k: meta_like(v) for k, v in kwargs.items()})
+    return node
