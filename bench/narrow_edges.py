@@ -23,13 +23,11 @@ import torch.fx  # noqa: E402
 from quantnpu.fileio import atomic_write_text  # noqa: E402
 from quantnpu.lowering import qnn_sdk  # noqa: E402
 from quantnpu.models.smollm2 import load_smollm2  # noqa: E402
-from quantnpu.passes import PassManager, static_quantization_passes  # noqa: E402
-from quantnpu.passes.integer_only import quantize_kind  # noqa: E402
-from quantnpu.passes.meta import node_info  # noqa: E402
+from quantnpu.graph.ops import quantize_kind  # noqa: E402
+from quantnpu.graph.meta import node_info  # noqa: E402
 from quantnpu.quantizers.bit_plan import BitPlan  # noqa: E402
-from quantnpu.quantizers.quantnpu_quantizer import quantize_with_encodings  # noqa: E402
 from quantnpu.runtime_harness.perplexity import perplexity  # noqa: E402
-from static import pte_setting  # noqa: E402  (bench/ is the script's directory)
+from static import converted, fake_quant, pte_setting  # noqa: E402  (bench/ is the script's directory)
 
 
 GROUPS = {"all": None, "q/k/v": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "up": ("up_proj",), "down": ("down_proj",)}
@@ -66,8 +64,8 @@ def main() -> int:
     gm, windows, calibration = pte_setting(model, tokenizer)
     rows = []
     for bits in args.bits:
-        fake_quant = PassManager(static_quantization_passes(BitPlan.parse(bits), calibration, progress=True)).run(copy.deepcopy(gm))
-        quantized = quantize_with_encodings(fake_quant)
+        plan = BitPlan.parse(bits)
+        quantized = converted(fake_quant(gm, plan, calibration)[0], plan, calibration)
         qdq = perplexity(quantized, windows, f"Q/DQ {bits}").ppl
         for group, kinds in GROUPS.items():
             wide, edges = without_narrowing_linear_inputs(quantized, kinds)

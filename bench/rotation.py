@@ -32,12 +32,12 @@ import torch  # noqa: E402
 
 from quantnpu.fileio import atomic_path, atomic_write_text  # noqa: E402
 from quantnpu.lowering import qnn_sdk  # noqa: E402
-from quantnpu.lowering.lower import calibrate_and_convert, lower_to_qnn  # noqa: E402
+from quantnpu.lowering.lower import lower_to_qnn  # noqa: E402
 from quantnpu.models.corpus import split_tokens, token_windows  # noqa: E402
 from quantnpu.models.export import export_causal_lm  # noqa: E402
 from quantnpu.models.smollm2 import load_smollm2  # noqa: E402
-from quantnpu.passes import PassManager, default_pipeline  # noqa: E402
-from quantnpu.quantizers.et_qnn import make_et_quantizer  # noqa: E402
+from quantnpu.passes import PassManager  # noqa: E402
+from quantnpu.pipeline import pipeline  # noqa: E402
 from quantnpu.runtime_harness.activation_stats import linear_input_stats  # noqa: E402
 from quantnpu.runtime_harness.perplexity import perplexity  # noqa: E402
 from quantnpu.runtime_harness.pte import PteModel  # noqa: E402
@@ -67,7 +67,7 @@ def main() -> int:
     program = export_causal_lm(model, args.seq_len)
     graphs, seconds = {}, {}
     for rotate in ("none", "hadamard"):
-        manager = PassManager(default_pipeline(rotate))
+        manager = PassManager(pipeline(rotate=rotate))
         start = time.perf_counter()
         graphs[rotate] = manager.run(program.module())
         seconds[f"passes ({rotate})"] = round(time.perf_counter() - start, 2)
@@ -87,7 +87,7 @@ def main() -> int:
     for config in args.configs:
         for rotate, gm in graphs.items():
             start = time.perf_counter()
-            quantized = calibrate_and_convert(gm, make_et_quantizer(config, gm), calibration)
+            quantized = PassManager(pipeline(f"et-{config}", calibration, rotate, progress=True)).run(program.module())
             result = perplexity(quantized, windows, f"{config} fake-quant ({rotate})")
             seconds[f"{config} calibrate+convert+eval ({rotate})"] = round(time.perf_counter() - start, 1)
             results["fake_quant"].setdefault(config, {})[rotate] = result.as_dict()
@@ -96,10 +96,10 @@ def main() -> int:
 
     if not args.skip_pte:
         short = export_causal_lm(model, args.pte_seq_len)
-        gm = PassManager(default_pipeline("hadamard")).run(short.module())
+        gm = PassManager(pipeline(rotate="hadamard")).run(short.module())
         short_windows = token_windows(eval_tokens, args.pte_seq_len, args.pte_windows)
         short_calibration = list(token_windows(calib_tokens, args.pte_seq_len, args.calib_windows).unsqueeze(1))
-        quantized = calibrate_and_convert(gm, make_et_quantizer(args.pte_config, gm), short_calibration)
+        quantized = PassManager(pipeline(f"et-{args.pte_config}", short_calibration, "hadamard", progress=True)).run(short.module())
         lowered = lower_to_qnn(quantized, (short_calibration[0],), ROOT / "build" / f"bench-smollm2-rotated-s{args.pte_seq_len}.{args.pte_config}.pte")
         pte = perplexity(PteModel(lowered.pte_path), short_windows, ".pte on HTP simulator (rotated)")
         fake = perplexity(quantized, short_windows, "fake-quant (rotated, pte windows)")

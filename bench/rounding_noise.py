@@ -11,7 +11,6 @@ setting as the `.pte` rows of bench/static.py (rotated, 4 x 128 eval windows, 32
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import shlex
 import sys
@@ -25,11 +24,10 @@ import torch  # noqa: E402
 from quantnpu.fileio import atomic_write_text  # noqa: E402
 from quantnpu.lowering import qnn_sdk  # noqa: E402
 from quantnpu.models.smollm2 import load_smollm2  # noqa: E402
-from quantnpu.passes import PassManager, static_quantization_passes  # noqa: E402
 from quantnpu.quantizers.bit_plan import BitPlan  # noqa: E402
 from quantnpu.quantizers.observers import EncodingObserver  # noqa: E402
 from quantnpu.runtime_harness.perplexity import perplexity  # noqa: E402
-from static import pte_setting  # noqa: E402  (bench/ is the script's directory)
+from static import fake_quant, pte_setting  # noqa: E402  (bench/ is the script's directory)
 
 
 def jitter_rounding(observers: list[EncodingObserver], amplitude: float, generator: torch.Generator) -> None:
@@ -53,7 +51,7 @@ def main() -> int:
     qnn_sdk.activate(qnn_sdk.prepare_qnn_sdk())
     model, tokenizer = load_smollm2()
     gm, windows, calibration = pte_setting(model, tokenizer)
-    fq = PassManager(static_quantization_passes(BitPlan.parse(args.bits), calibration, progress=True)).run(copy.deepcopy(gm))
+    fq = fake_quant(gm, BitPlan.parse(args.bits), calibration)[0]
     eight_bit = [m for m in fq.modules() if isinstance(m, EncodingObserver) and m.encoding is not None
                  and not m.encoding.per_channel and m.encoding.bits == 8]
     base = perplexity(fq, windows, "fake-quant").ppl

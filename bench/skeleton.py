@@ -28,12 +28,13 @@ import torch  # noqa: E402
 
 from quantnpu.fileio import atomic_write_text  # noqa: E402
 from quantnpu.lowering import qnn_sdk  # noqa: E402
-from quantnpu.lowering.lower import calibrate_and_convert, lower_to_qnn  # noqa: E402
+from quantnpu.lowering.lower import lower_to_qnn  # noqa: E402
 from quantnpu.models.corpus import split_tokens, token_windows  # noqa: E402
 from quantnpu.models.export import export_causal_lm  # noqa: E402
 from quantnpu.models.smollm2 import load_smollm2  # noqa: E402
-from quantnpu.passes import PassManager, default_pipeline  # noqa: E402
-from quantnpu.quantizers.et_qnn import ET_CONFIGS, make_et_quantizer  # noqa: E402
+from quantnpu.passes import PassManager  # noqa: E402
+from quantnpu.pipeline import pipeline  # noqa: E402
+from quantnpu.quantizers.et_qnn import ET_CONFIGS  # noqa: E402
 from quantnpu.runtime_harness.perplexity import eager_forward, perplexity  # noqa: E402
 from quantnpu.runtime_harness.pte import PteModel  # noqa: E402
 from quantnpu.runtime_harness.records import package_versions, peak_memory_mib  # noqa: E402
@@ -79,14 +80,14 @@ def main() -> int:
                      "calibration": {"split": "brown calibration", "windows": args.calib_windows, "seq_len": args.seq_len}}
     float_eager = timer("ppl eager float", lambda: perplexity(eager_forward(model), windows, "eager float"))
     program = timer("export", lambda: export_causal_lm(model, args.seq_len))
-    manager = PassManager(default_pipeline("none"))
+    manager = PassManager(pipeline(rotate="none"))
     gm = timer("passes", lambda: manager.run(program.module()))
     float_graph = timer("ppl exported graph", lambda: perplexity(gm, windows, "exported graph"))
     results["float"] = {"eager": float_eager.as_dict(), "exported_graph": float_graph.as_dict(),
                         "relative_difference": abs(float_graph.ppl - float_eager.ppl) / float_eager.ppl}
     results["fake_quant"] = {}
     for config in args.configs:
-        quantized = timer(f"{config} calibrate+convert", lambda: calibrate_and_convert(gm, make_et_quantizer(config, gm), calibration))
+        quantized = timer(f"{config} calibrate+convert", lambda: PassManager(pipeline(f"et-{config}", calibration, "none", progress=True)).run(program.module()))
         result = timer(f"{config} ppl fake-quant", lambda: perplexity(quantized, windows, f"{config} fake-quant"))
         results["fake_quant"][config] = result.as_dict()
         print(f"{config}: fake-quant ppl {result.ppl:.3f}", flush=True)
@@ -96,8 +97,8 @@ def main() -> int:
         short_windows = token_windows(eval_tokens, args.pte_seq_len, args.pte_windows)
         short_calibration = list(token_windows(calib_tokens, args.pte_seq_len, args.calib_windows).unsqueeze(1))
         short_program = timer("export (pte)", lambda: export_causal_lm(model, args.pte_seq_len))
-        short_gm = PassManager(default_pipeline("none")).run(short_program.module())
-        quantized = timer(f"{args.pte_config} calibrate+convert (pte)", lambda: calibrate_and_convert(short_gm, make_et_quantizer(args.pte_config, short_gm), short_calibration))
+        short_gm = PassManager(pipeline(rotate="none")).run(short_program.module())
+        quantized = timer(f"{args.pte_config} calibrate+convert (pte)", lambda: PassManager(pipeline(f"et-{args.pte_config}", short_calibration, "none", progress=True)).run(short_program.module()))
         pte_path = ROOT / "build" / f"bench-smollm2-s{args.pte_seq_len}.{args.pte_config}.pte"
         lowered = timer("lower to QNN", lambda: lower_to_qnn(quantized, (short_calibration[0],), pte_path))
         pte_float = perplexity(short_gm, short_windows, "float (pte windows)")

@@ -21,6 +21,7 @@ import shlex
 import sys
 import time
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,10 +36,10 @@ from quantnpu.lowering.lower import lower_to_qnn  # noqa: E402
 from quantnpu.models.corpus import split_tokens, token_windows  # noqa: E402
 from quantnpu.models.export import export_causal_lm  # noqa: E402
 from quantnpu.models.smollm2 import load_smollm2  # noqa: E402
-from quantnpu.passes import PassManager, default_pipeline, static_quantization_passes  # noqa: E402
+from quantnpu.passes import PassManager, PlanBitWidths  # noqa: E402
 from quantnpu.passes.integer_only import integer_only_violations  # noqa: E402
 from quantnpu.quantizers.bit_plan import BitPlan  # noqa: E402
-from quantnpu.quantizers.quantnpu_quantizer import quantize_with_encodings  # noqa: E402
+from quantnpu.pipeline import find_pass, pipeline  # noqa: E402
 from quantnpu.runtime_harness.perplexity import perplexity  # noqa: E402
 from quantnpu.runtime_harness.pte import PteModel  # noqa: E402
 from quantnpu.runtime_harness.records import package_versions, peak_memory_mib  # noqa: E402
@@ -54,21 +55,33 @@ ROWS = [
 ET_SKELETON = {"8a8w": 134999.8, "16a8w": 51.720, "16a4w": 148.748, "16a4w_block": 75.041}
 
 
-def fake_quant(gm, plan, calibration):
+def fake_quant(graph, plan, calibration, rotate: str = "hadamard"):
+    """The pipeline up to StaticCalibration on a copy of the exported `graph`: (fake-quant graph,
+    HTP legalization deviations, init-rule warnings, seconds). The float passes are verified."""
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        passes = static_quantization_passes(plan, calibration, progress=True)
-        fq = PassManager(passes).run(copy.deepcopy(gm))  # PrepareForQnn and prepare_pt2e rewrite their input
-    deviations = passes[1].deviations
+        passes = pipeline(plan, calibration, rotate, progress=True)
+        fq = PassManager(passes, stop_after="StaticCalibration").run(copy.deepcopy(graph))
+    deviations = [asdict(d) for d in find_pass(passes, PlanBitWidths).deviations]
     warned = sorted({str(w.message).split(":")[0] for w in caught if "against the rule" in str(w.message)})
     return fq, deviations, warned, time.perf_counter() - start
 
 
+def converted(fq, plan, calibration, rotate: str = "hadamard"):
+    """The rest of the pipeline on a fake-quant graph from `fake_quant`: the integer-only Q/DQ graph."""
+    return PassManager(pipeline(plan, calibration, rotate)).run(copy.deepcopy(fq), start_after="StaticCalibration")
+
+
+def float_graph(graph, rotate: str = "hadamard"):
+    """The float passes (verified) on a copy of the exported `graph`."""
+    return PassManager(pipeline(rotate=rotate)).run(copy.deepcopy(graph))
+
+
 def pte_setting(model, tokenizer, seq_len: int = 128, eval_windows: int = 4, calib_windows: int = 32):
     """The `.pte` rows' setting (also used by rounding_noise.py and narrow_edges.py, so their numbers
-    sit beside the `.pte` ppl): the rotated graph at `seq_len`, its eval windows, calibration batches."""
-    gm = PassManager(default_pipeline("hadamard")).run(export_causal_lm(model, seq_len).module())
+    sit beside the `.pte` ppl): the exported graph at `seq_len`, its eval windows, calibration batches."""
+    gm = export_causal_lm(model, seq_len).module()
     windows = token_windows(split_tokens(tokenizer, "evaluation"), seq_len, eval_windows)
     calibration = list(token_windows(split_tokens(tokenizer, "calibration"), seq_len, calib_windows).unsqueeze(1))
     return gm, windows, calibration
@@ -105,10 +118,9 @@ def write(results: dict, out: Path) -> None:
     if results["rows"]:
         lines += ["", "HTP legalization deviations (first rotated row):", ""]
         first = next((r for r in results["rows"] if r["rotate"] == "hadamard"), results["rows"][0])
-        import re
         from collections import Counter
 
-        kinds = Counter(re.sub(r"%\w+ ", "", d.split("(", 1)[1].split(")")[0].split(".")[-1] + ": " + d.split("): ", 1)[1].split(" (")[0])
+        kinds = Counter(f"{d['role'].split('.')[-1]}: {d['tensor'].split(' %')[0]} {d['planned']} -> {d['assigned']} bits"
                         for d in first["deviations"])
         kinds = [f"{k} ({n} layers)" for k, n in sorted(kinds.items())]
         lines += [f"- {k}" for k in kinds] or ["- none"]
@@ -140,13 +152,13 @@ def main() -> int:
     if rows:
         windows = token_windows(eval_tokens, args.seq_len, args.eval_windows)
         calibration = list(token_windows(calib_tokens, args.seq_len, args.calib_windows).unsqueeze(1))
-        program = export_causal_lm(model, args.seq_len)
-        graphs = {rotate: PassManager(default_pipeline(rotate)).run(program.module()) for rotate in ("none", "hadamard")}
-        for rotate, gm in graphs.items():
-            results["float"][rotate] = perplexity(gm, windows, f"float ({rotate})").ppl
+        exported = export_causal_lm(model, args.seq_len).module()
+        for rotate in ("none", "hadamard"):
+            results["float"][rotate] = perplexity(float_graph(exported, rotate), windows, f"float ({rotate})").ppl
+            release_freed_memory()
         for bits, rotate, overrides in rows:
             plan = BitPlan.parse(bits, overrides)
-            fq, deviations, warned, seconds = fake_quant(graphs[rotate], plan, calibration)
+            fq, deviations, warned, seconds = fake_quant(exported, plan, calibration, rotate)
             ppl = perplexity(fq, windows, f"fake-quant {plan.name} ({rotate})").ppl
             results["rows"].append({"bits": bits, "rotate": rotate, "overrides": list(overrides), "ppl": ppl,
                                     "deviations": deviations, "rule_warnings": len(warned), "seconds": round(seconds, 1)})
@@ -155,13 +167,14 @@ def main() -> int:
             del fq
             release_freed_memory()
     if args.pte_configs:
-        gm, pte_windows, calibration = pte_setting(model, tokenizer, args.pte_seq_len, args.pte_windows,
-                                                   args.calib_windows * args.seq_len // args.pte_seq_len)
+        exported, pte_windows, calibration = pte_setting(model, tokenizer, args.pte_seq_len, args.pte_windows,
+                                                         args.calib_windows * args.seq_len // args.pte_seq_len)
         results["pte_eval"] = {"windows": args.pte_windows, "seq_len": args.pte_seq_len, "soc": "SM8650"}
-        float_ppl = perplexity(gm, pte_windows, "float").ppl
+        float_ppl = perplexity(float_graph(exported), pte_windows, "float").ppl
         for bits in args.pte_configs:
-            fq, deviations, _, _ = fake_quant(gm, BitPlan.parse(bits), calibration)
-            quantized = quantize_with_encodings(fq)
+            plan = BitPlan.parse(bits)
+            fq, deviations, _, _ = fake_quant(exported, plan, calibration)
+            quantized = converted(fq, plan, calibration)
             violations = integer_only_violations(quantized)
             pte_path = out.parent / f"static_{bits}.pte"
             lowered = lower_to_qnn(quantized, (pte_windows[:1],), pte_path)

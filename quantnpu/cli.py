@@ -6,7 +6,6 @@ Every user error is one line on stderr (exit 2); Ctrl-C exits 130 and leaves no 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -15,6 +14,7 @@ from pathlib import Path
 from quantnpu.errors import QuantNpuError
 
 EXPORT_MODELS = ("smollm2", "tiny-llama", "tiny-qwen2")
+DEFAULT_BITS = "4-8-8"
 SMOLLM2_VOCAB = 49152
 
 
@@ -58,7 +58,7 @@ def _lower_parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", "--output", help="the .pte to write (default: <model>.<quant>.pte beside the model)")
     parser.add_argument("--quant", default="quantnpu", help="quantnpu (static encodings from the bit plan, QuantNpuQuantizer; the default) "
                         f"or ExecuTorch's QnnQuantizer for comparison: {', '.join('et-' + c for c in ET_CONFIGS)}")
-    parser.add_argument("--bits", default="4-8-8", help="quantnpu bit plan W-A-KV: 8-8-8, 4-8-8 (default) or 4-4-8 (4-bit activations are fake-quant only)")
+    parser.add_argument("--bits", default=DEFAULT_BITS, help=f"quantnpu bit plan W-A-KV: 8-8-8, 4-8-8 (default {DEFAULT_BITS}) or 4-4-8 (4-bit activations are fake-quant only)")
     parser.add_argument("--override", action="append", default=[], metavar="PATTERN=BITS",
                         help="bit plan override, repeatable, e.g. '*.down_proj.input=16' (patterns match tensor labels and node names)")
     parser.add_argument("--encodings", help="write the encodings (AIMET-style JSON) to this file")
@@ -66,14 +66,19 @@ def _lower_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rotate", default=None, help="R1/R2 rotations fused into the weights: hadamard (random Hadamard; the default, "
                         "falling back to a random orthogonal matrix with a warning for sizes with no Hadamard construction, "
                         "which is an error when hadamard is asked for explicitly), random (random orthogonal), none")
-    parser.add_argument("--calib-windows", type=int, default=16, help="calibration windows from the Brown calibration split")
+    parser.add_argument("--calib-windows", type=int, default=16, help="calibration windows (of the model's sequence length)")
+    parser.add_argument("--calib-text", metavar="FILE", help="calibrate on this text (plain UTF-8, or .jsonl with a 'text' field) instead of Brown's calibration split")
+    parser.add_argument("--eval-text", metavar="FILE", help="evaluate on this text (plain or .jsonl) instead of Brown's evaluation split")
     parser.add_argument("--eval", action="store_true", help="also measure perplexity: float graph, fake-quant graph, and the .pte on the HTP simulator")
     parser.add_argument("--eval-windows", type=int, default=2, help="evaluation windows (each takes ~30 s on the simulator for SmolLM2 at 128 tokens)")
     parser.add_argument("--tokenizer", help="Hugging Face tokenizer directory for the calibration/eval text (default: SmolLM2's)")
-    parser.add_argument("--stop-after", help="stop the pass pipeline after this pass and print the graph")
+    parser.add_argument("--stop-after", metavar="PASS", help="stop the pipeline after this pass (any of them, e.g. AnnotateRoles, StaticCalibration) and print the graph")
+    parser.add_argument("--no-verify", action="store_true", help="skip the check that the float passes keep the input graph's function "
+                        "(on seeded random ids); only for a graph you know the verifier cannot run")
     parser.add_argument("--allow-cpu-ops", action="store_true", help="accept ops left outside QNN delegates")
     parser.add_argument("--record", help="JSON record of the run (default: <output>.json)")
     parser.add_argument("-q", "--quiet", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show ExecuTorch's and QNN's own log lines")
     return parser
 
 
@@ -100,18 +105,23 @@ def _lower(args: argparse.Namespace) -> int:
         if plan.activations < 8 or low_activation:
             raise QuantNpuError(f"--bits {plan.name}: QNN HTP runs 8- and 16-bit activations only; "
                                 "4-bit activations can be evaluated as fake-quant (bench/static.py), not lowered")
-    elif args.bits != "4-8-8" or args.override:
+    elif args.bits != DEFAULT_BITS or args.override:
         raise QuantNpuError("--bits/--override belong to --quant quantnpu")
     if args.encodings and plan is None:
         raise QuantNpuError("--encodings needs --quant quantnpu")
     _check_positive("--calib-windows", args.calib_windows)
-    from quantnpu.passes import ROTATIONS
+    from quantnpu.pipeline import ROTATIONS
 
     strict_hadamard = args.rotate == "hadamard"
     args.rotate = args.rotate or "hadamard"
     if args.rotate not in ROTATIONS:
         raise QuantNpuError(f"unknown rotation {args.rotate!r}: choose one of {', '.join(ROTATIONS)}")
     _check_positive("--eval-windows", args.eval_windows)
+    from quantnpu.models.corpus import read_text_file
+
+    for text in (args.calib_text, args.eval_text):
+        if text is not None:
+            read_text_file(text)  # a bad file fails now, before any expensive stage
     model_path = Path(args.model)
     label = f"quantnpu-{plan.name.split()[0]}" if plan is not None else args.quant
     output = Path(args.output) if args.output else model_path.with_name(f"{model_path.stem}.{label}.pte")
@@ -125,7 +135,7 @@ def _lower(args: argparse.Namespace) -> int:
     if args.eval and batch != 1:
         raise QuantNpuError(f"{model_path}: --eval needs a batch-1 program, this one has batch {batch}")
 
-    import torch  # noqa: F401  (after the cheap checks above)
+    import copy
 
     from quantnpu.lowering import qnn_sdk
     from quantnpu.quantizers.et_qnn import soc_model
@@ -133,17 +143,12 @@ def _lower(args: argparse.Namespace) -> int:
     soc_model(args.soc)  # validates the name
     sdk = qnn_sdk.activate(qnn_sdk.prepare_qnn_sdk())
 
-    from quantnpu.passes import PassManager, default_pipeline
-    from quantnpu.passes.graph_text import graph_text
+    from quantnpu.models.corpus import windows_for
+    from quantnpu.passes import PassManager
+    from quantnpu.graph.text import graph_text
+    from quantnpu.pipeline import pipeline
 
-    manager = PassManager(default_pipeline(args.rotate, strict=strict_hadamard), stop_after=args.stop_after, progress=not args.quiet)
-    gm = stages.run("passes", lambda: manager.run(program.module()))
-    if not args.quiet:
-        print(manager.report())
-    if args.stop_after:
-        print(graph_text(gm))
-        return 0
-
+    gm = program.module()
     tokenizer = _tokenizer(args.tokenizer)
     vocab = _output_vocab(gm, model_path)
     if len(tokenizer) > vocab:
@@ -151,17 +156,21 @@ def _lower(args: argparse.Namespace) -> int:
             f"{model_path}: the model predicts {vocab} tokens but the tokenizer has {len(tokenizer)}; "
             "pass --tokenizer with the model's own tokenizer"
         )
-    from quantnpu.models.corpus import split_tokens, token_windows
-
-    calibration = token_windows(split_tokens(tokenizer, "calibration"), seq_len, args.calib_windows * batch)
+    calibration = windows_for(tokenizer, args.calib_text, "calibration", seq_len, args.calib_windows * batch)
     batches = list(calibration.reshape(-1, batch, seq_len))
+    float_gm = copy.deepcopy(gm) if args.eval else None  # the input graph: the float reference
+    passes = pipeline(plan if plan is not None else args.quant, batches, args.rotate, args.soc,
+                      strict=strict_hadamard, progress=not args.quiet)
+    manager = PassManager(passes, stop_after=args.stop_after, progress=not args.quiet, verify=not args.no_verify)
+    quantized = stages.run("passes", lambda: manager.run(gm))
+    if not args.quiet:
+        print(manager.report())
+    if args.stop_after:
+        print(graph_text(quantized))
+        return 0
+    extra = _quantnpu_record(args, passes, quantized) if plan is not None else {}
     from quantnpu.lowering.lower import lower_to_qnn
 
-    if plan is None:
-        fake_quant = quantized = stages.run("calibrate+convert", lambda: _et_quantize(args, gm, batches))
-        extra = {}
-    else:
-        fake_quant, quantized, extra = stages.run("calibrate+convert", lambda: _quantnpu_quantize(args, plan, gm, batches))
     lowered = stages.run("lower", lambda: lower_to_qnn(quantized, (batches[0],), output, args.soc, args.allow_cpu_ops))
     print(f"wrote {lowered.pte_path} ({lowered.size_bytes / 2**20:.1f} MiB, {lowered.delegates} QNN delegate(s)"
           + (f", {len(lowered.outside_delegates)} op(s) on CPU" if lowered.outside_delegates else "") + ")")
@@ -169,25 +178,27 @@ def _lower(args: argparse.Namespace) -> int:
     record = {
         "tool": "quantnpu-lower", "model": str(model_path), "pte": str(lowered.pte_path),
         "quant": args.quant, "rotate": args.rotate, "soc": args.soc, "seq_len": seq_len, "batch": batch,
-        "calibration": {"split": "brown calibration", "windows": args.calib_windows},
+        "calibration": {"text": args.calib_text or "brown calibration split", "windows": args.calib_windows},
         "qnn_sdk": str(sdk.root), "delegates": lowered.delegates, **extra,
+        "passes": [{"name": r.name, "seconds": round(r.seconds, 3), "summary": r.summary} for r in manager.records],
         "outside_delegates": lowered.outside_delegates, "pte_bytes": lowered.size_bytes,
     }
     if args.eval:
         from quantnpu.runtime_harness.perplexity import perplexity
         from quantnpu.runtime_harness.pte import PteModel
 
-        windows = token_windows(split_tokens(tokenizer, "evaluation"), seq_len, args.eval_windows)
+        windows = windows_for(tokenizer, args.eval_text, "evaluation", seq_len, args.eval_windows)
         progress = not args.quiet
         results = {
-            "float_graph": stages.run("eval float", lambda: perplexity(gm, windows, "float graph", progress)),
-            "fake_quant": stages.run("eval fake-quant", lambda: perplexity(fake_quant, windows, "fake-quant", progress)),
+            "float_graph": stages.run("eval float", lambda: perplexity(float_gm, windows, "float graph", progress)),
+            "fake_quant": stages.run("eval fake-quant", lambda: perplexity(quantized, windows, "Q/DQ graph", progress)),
             "pte_htp_simulator": stages.run("eval .pte", lambda: perplexity(PteModel(lowered.pte_path), windows, ".pte on HTP simulator", progress)),
         }
-        record["evaluation"] = {"split": "brown evaluation", "windows": args.eval_windows,
+        record["evaluation"] = {"text": args.eval_text or "brown evaluation split", "windows": args.eval_windows,
                                 **{k: v.as_dict() for k, v in results.items()}}
+        print(f"\n{'':<22}{'ppl':>10}   ({args.eval_windows} windows x {seq_len} tokens of {args.eval_text or 'Brown evaluation'})")
         for name, result in results.items():
-            print(f"ppl {name:<18} {result.ppl:10.3f}   ({result.windows} windows x {seq_len} tokens, {result.seconds:.1f} s)")
+            print(f"{_RESULT_NAMES[name]:<22}{result.ppl:10.3f}   ({result.seconds:.1f} s)")
     record["seconds"] = stages.seconds
     from quantnpu.runtime_harness.records import write_record
 
@@ -199,38 +210,32 @@ def _lower(args: argparse.Namespace) -> int:
     return 0
 
 
-def _et_quantize(args: argparse.Namespace, gm, batches):
-    from quantnpu.lowering.lower import calibrate_and_convert
-    from quantnpu.quantizers.et_qnn import make_et_quantizer
-
-    quantizer = make_et_quantizer(args.quant.removeprefix("et-"), gm, args.soc)
-    return calibrate_and_convert(gm, quantizer, batches, progress=not args.quiet)
+_RESULT_NAMES = {"float_graph": "float (input graph)", "fake_quant": "fake-quant (Q/DQ)", "pte_htp_simulator": ".pte, HTP simulator"}
 
 
-def _quantnpu_quantize(args: argparse.Namespace, plan, gm, batches):
-    """Stage-two static encodings: the fake-quant graph, the converted Q/DQ graph, record fields."""
-    import copy
+def _quantnpu_record(args: argparse.Namespace, passes, quantized) -> dict:
+    """The run record's fields for static encodings (and the encodings file, if asked for)."""
+    from dataclasses import asdict
 
-    from quantnpu.passes import PassManager, static_quantization_passes
-    from quantnpu.passes.integer_only import IntegerOnlyCheck
-    from quantnpu.passes.static_observers import encodings_by_tensor
+    from quantnpu.passes import FuseRotations, PlanBitWidths
+    from quantnpu.passes.convert import ENCODINGS_META
+    from quantnpu.pipeline import find_pass
     from quantnpu.quantizers.encodings import write_encodings
-    from quantnpu.quantizers.quantnpu_quantizer import quantize_with_encodings
 
-    passes = static_quantization_passes(plan, batches, args.soc, progress=not args.quiet)
-    fake_quant = PassManager(passes).run(copy.deepcopy(gm))  # gm stays the float graph
-    deviations = passes[1].deviations
+    deviations = find_pass(passes, PlanBitWidths).deviations
     if deviations and not args.quiet:
         print(f"HTP legalization raised {len(deviations)} bit width(s) of the plan, e.g. {deviations[0]}")
-    quantized = quantize_with_encodings(fake_quant, args.soc)
-    IntegerOnlyCheck()(quantized)
-    activations, params = encodings_by_tensor(fake_quant)
-    extra = {"bits": plan.name, "htp_deviations": deviations,
-             "encodings": {"activations": len(activations), "params": len(params)}}
+    rotations = find_pass(passes, FuseRotations)
+    table = quantized.meta[ENCODINGS_META]
+    extra = {"bits": args.bits, "htp_deviations": [asdict(d) for d in deviations],
+             "encodings": {"activations": len(table.activations), "params": len(table.params), "requantized_inputs": len(table.edges)}}
+    if rotations is not None and rotations.skipped_r1:
+        extra["r1_skipped"] = rotations.skipped_r1
     if args.encodings:
-        extra["encodings_file"] = str(write_encodings(args.encodings, activations, params))
-        print(f"encodings: {args.encodings} ({len(activations)} activations, {len(params)} parameters)")
-    return fake_quant, quantized, extra
+        extra["encodings_file"] = str(write_encodings(args.encodings, table))
+        print(f"encodings: {args.encodings} ({len(table.activations)} activations, {len(table.params)} parameters, "
+              f"{len(table.edges)} re-quantizing readers)")
+    return extra
 
 
 def _tokenizer(directory: str | None):
@@ -242,7 +247,14 @@ def _tokenizer(directory: str | None):
 
     if not Path(directory).is_dir():
         raise QuantNpuError(f"{directory}: tokenizer directory not found")
-    return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    files = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+    if not any((Path(directory) / name).is_file() for name in files):
+        raise QuantNpuError(f"{directory}: no tokenizer in this folder (none of {', '.join(files)})")
+    try:
+        return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError, KeyError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise QuantNpuError(f"{directory}: cannot load its tokenizer ({first_line})") from None
 
 
 def _output_vocab(gm, path: Path) -> int:
@@ -255,13 +267,17 @@ def _output_vocab(gm, path: Path) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING)
     args = _lower_parser().parse_args(argv)
-    return _guarded(_lower, args)
+    from quantnpu.logs import quiet_backends
+
+    with quiet_backends(verbose=args.verbose) as status:
+        code = _guarded(_lower, args)
+        status.failed = code != 0
+    return code
 
 
 def _export(args: argparse.Namespace) -> int:
-    if args.model not in EXPORT_MODELS:
+    if args.hf is None and args.model not in EXPORT_MODELS:
         raise QuantNpuError(f"unknown model {args.model!r}: choose one of {', '.join(EXPORT_MODELS)}")
     _check_positive("--seq-len", args.seq_len)
     output = Path(args.output)
@@ -272,7 +288,12 @@ def _export(args: argparse.Namespace) -> int:
         return 0
     from quantnpu.models.export import export_causal_lm, save_pt2
 
-    if args.model == "smollm2":
+    if args.hf is not None:
+        from quantnpu.models.export import load_hf_model
+
+        model = load_hf_model(args.hf)
+        args.model = args.hf
+    elif args.model == "smollm2":
         from quantnpu.models.smollm2 import load_smollm2
 
         model, _ = load_smollm2()
@@ -291,6 +312,8 @@ def _export(args: argparse.Namespace) -> int:
 def export_main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="quantnpu-export", description="Export a causal LM's prefill graph to .pt2.")
     parser.add_argument("--model", default="smollm2", help=f"one of {', '.join(EXPORT_MODELS)}")
+    parser.add_argument("--hf", metavar="DIR", help="export this local Hugging Face model folder (config.json, safetensors) instead; "
+                        "lower it with --tokenizer DIR when its tokenizer is not SmolLM2's")
     parser.add_argument("--seq-len", type=int, default=128, help="static sequence length")
     parser.add_argument("-o", "--output", required=True, help="the .pt2 to write")
     parser.add_argument("--force", action="store_true", help="export again even if the output exists")

@@ -11,7 +11,7 @@ import torch.fx
 from quantnpu.models.export import export_causal_lm
 from quantnpu.models.tiny import tiny_llama, tiny_qwen2
 from quantnpu.passes.base import GraphPass, PassManager
-from quantnpu.passes.graph_text import graph_diff, graph_text
+from quantnpu.graph.text import graph_diff, graph_text
 
 TINY = {"llama": tiny_llama, "qwen2": tiny_qwen2}
 

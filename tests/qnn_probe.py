@@ -24,15 +24,17 @@ class TwoLinear(torch.nn.Module):
 
 def main(variant: str) -> int:
     from quantnpu.lowering import qnn_sdk
-    from quantnpu.lowering.lower import calibrate_and_convert, lower_to_qnn
-    from quantnpu.quantizers.et_qnn import make_et_quantizer
+    from quantnpu.lowering.lower import lower_to_qnn
+    from quantnpu.passes import PassManager
+    from quantnpu.passes.convert import QuantizeWithQnnQuantizer
     from quantnpu.runtime_harness.pte import PteModel
 
     qnn_sdk.activate(qnn_sdk.prepare_qnn_sdk(bridge=(variant == "bridge")))
     torch.manual_seed(0)
     x = torch.randn(1, 16)
     gm = torch.export.export(TwoLinear().eval(), (x,)).module()
-    quantized = calibrate_and_convert(gm, make_et_quantizer("8a8w", gm), [torch.randn(1, 16) for _ in range(8)], progress=False)
+    calibration = [torch.randn(1, 16) for _ in range(8)]
+    quantized = PassManager([QuantizeWithQnnQuantizer("8a8w", calibration)], verify=False).run(gm)
     with tempfile.TemporaryDirectory() as tmp:
         try:
             result = lower_to_qnn(quantized, (x,), Path(tmp) / "two_linear.pte")

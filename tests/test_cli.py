@@ -103,10 +103,14 @@ def test_end_to_end_on_a_tiny_model(tmp_path, tiny_pt2):
     assert output.is_file() and output.with_suffix(".json").is_file()
     assert f".pte: {output}" in result.stdout
     assert "ppl on the HTP simulator:" in result.stdout.splitlines()[-1]
+    backend_lines = [line for line in (result.stdout + result.stderr).splitlines() if "INFO" in line or "[Qnn" in line]
+    assert not backend_lines, backend_lines[:5]  # ExecuTorch's and QNN's logs stay quiet without --verbose
     assert sorted(p.name for p in tmp_path.iterdir()) == ["encodings.json", "tiny.json", "tiny.pte"]
     record = json.loads(output.with_suffix(".json").read_text())
     assert record["quant"] == "quantnpu" and record["bits"] == "4-8-8" and record["outside_delegates"] == []
-    activations, params = read_encodings(encodings)
+    table = read_encodings(encodings)
+    activations, params = table.activations, table.params
+    assert table.edges  # the re-quantizing edges travel with the file
     weights = [e for name, e in params.items() if name.endswith("q_proj.weight")]
     assert weights and all(e.bits == 4 and e.per_channel and e.restricted for e in weights)
     assert {e.bits for e in activations.values()} == {8, 16}

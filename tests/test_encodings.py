@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from quantnpu.errors import InputFileError
-from quantnpu.quantizers.encodings import Encoding, read_encodings, write_encodings
+from quantnpu.quantizers.encodings import Encoding, EncodingTable, read_encodings, write_encodings
 from quantnpu.quantizers.init_rules import TensorStats, choose_rule, initial_scale, max_min_scale, mean_based_scale
 
 
@@ -51,8 +51,10 @@ def test_json_round_trip_is_exact(tmp_path):
         "model.layers.0.self_attn.q_proj.weight": Encoding(bits=4, scale=tuple(torch.rand(7).double().tolist()), axis=0, restricted=True),
         "model.lm_head.weight": Encoding(bits=8, scale=(1 / 3, 2 / 3), axis=0, restricted=True),
     }
-    path = write_encodings(tmp_path / "enc.json", activations, params)
-    assert read_encodings(path) == (activations, params)
+    edges = {"linear_3": {"mul_2": Encoding(bits=8, scale=(0.25,)), "x": Encoding(bits=16, scale=(1e-4,))}}
+    table = EncodingTable(activations, params, edges)
+    path = write_encodings(tmp_path / "enc.json", table)
+    assert read_encodings(path) == table
     document = json.loads(path.read_text())
     entry = document["param_encodings"]["model.lm_head.weight"][1]
     assert entry["bitwidth"] == 8 and entry["is_symmetric"] == "True" and entry["offset"] == -128

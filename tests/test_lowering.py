@@ -1,12 +1,15 @@
 """Lowering a tiny decoder to QNN and running it on the HTP simulator."""
 
+import copy
+
 import pytest
 import torch
 
 from quantnpu.errors import DelegationError
-from quantnpu.lowering.lower import calibrate_and_convert, lower_to_qnn
-from quantnpu.passes import default_pipeline
-from quantnpu.quantizers.et_qnn import make_et_quantizer
+from quantnpu.lowering.lower import lower_to_qnn
+from quantnpu.passes import PassManager
+from quantnpu.passes.convert import QuantizeWithQnnQuantizer
+from quantnpu.pipeline import pipeline
 from quantnpu.runtime_harness.pte import PteModel
 from tests.graph_testing import run_passes, tiny_graph
 
@@ -23,9 +26,10 @@ def _output_scale(quantized: torch.fx.GraphModule) -> float:
 @pytest.fixture(scope="module")
 def tiny_lowered(tmp_path_factory):
     torch.manual_seed(0)
-    gm = run_passes(tiny_graph("llama", layers=2, seq_len=SEQ), default_pipeline())
+    graph = tiny_graph("llama", layers=2, seq_len=SEQ)
     calibration = [torch.randint(0, 128, (1, SEQ)) for _ in range(8)]
-    quantized = calibrate_and_convert(gm, make_et_quantizer("16a8w", gm), calibration, progress=False)
+    gm = run_passes(copy.deepcopy(graph), pipeline())
+    quantized = run_passes(graph, pipeline("et-16a8w", calibration))
     result = lower_to_qnn(quantized, (calibration[0],), tmp_path_factory.mktemp("pte") / "tiny.pte")
     return gm, quantized, result
 
@@ -70,7 +74,7 @@ class _CumprodHead(torch.nn.Module):
 def test_op_left_on_cpu_is_an_error_naming_it(tmp_path):
     x = torch.randn(1, 4, 8)
     gm = torch.export.export(_CumprodHead().eval(), (x,)).module()
-    quantized = calibrate_and_convert(gm, make_et_quantizer("8a8w", gm), [torch.randn(1, 4, 8) for _ in range(4)], progress=False)
+    quantized = PassManager([QuantizeWithQnnQuantizer("8a8w", [torch.randn(1, 4, 8) for _ in range(4)])], verify=False).run(gm)
     target = tmp_path / "cumprod.pte"
     with pytest.raises(DelegationError, match=r"op\(s\) left outside QNN delegates: .*cumprod"):
         lower_to_qnn(quantized, (x,), target)
@@ -82,17 +86,12 @@ def test_op_left_on_cpu_is_an_error_naming_it(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_quantnpu(tmp_path_factory):
     """The quantnpu path on a tiny Llama: static encodings (8-8-8), QuantNpuQuantizer, QNN."""
-    import copy
-
-    from quantnpu.passes import static_quantization_passes
-    from quantnpu.quantizers.bit_plan import BitPlan
-    from quantnpu.quantizers.quantnpu_quantizer import quantize_with_encodings
-
     torch.manual_seed(0)
-    gm = run_passes(tiny_graph("llama", layers=2, seq_len=SEQ), default_pipeline())
+    graph = tiny_graph("llama", layers=2, seq_len=SEQ)
     calibration = [torch.randint(0, 128, (1, SEQ)) for _ in range(8)]
-    fake_quant = run_passes(copy.deepcopy(gm), static_quantization_passes(BitPlan.parse("8-8-8"), calibration))
-    quantized = quantize_with_encodings(fake_quant)
+    gm = run_passes(copy.deepcopy(graph), pipeline())
+    fake_quant = PassManager(pipeline("8-8-8", calibration), stop_after="StaticCalibration").run(copy.deepcopy(graph))
+    quantized = run_passes(graph, pipeline("8-8-8", calibration))
     return gm, fake_quant, quantized, tmp_path_factory.mktemp("quantnpu")
 
 

@@ -10,7 +10,8 @@ import torch
 
 from quantnpu.models.corpus import split_tokens, token_windows
 from quantnpu.models.export import export_causal_lm, save_pt2
-from quantnpu.passes import PassManager, default_pipeline
+from quantnpu.passes import PassManager
+from quantnpu.pipeline import float_passes
 from quantnpu.passes.annotate_roles import find_roles
 from quantnpu.runtime_harness.perplexity import eager_forward, perplexity
 
@@ -38,7 +39,7 @@ def program(smollm2):
 
 def test_exported_graph_has_the_eager_perplexity(smollm2, windows, program):
     eager = perplexity(eager_forward(smollm2[0]), windows, progress=False)
-    graph = perplexity(PassManager(default_pipeline("none")).run(program.module()), windows, progress=False)
+    graph = perplexity(PassManager(float_passes("none")).run(program.module()), windows, progress=False)
     assert abs(graph.ppl - eager.ppl) / eager.ppl < 1e-4
 
 
@@ -51,8 +52,8 @@ def test_roles_of_all_30_layers(program):
 
 
 def test_rotated_graph_keeps_logits_and_perplexity(program, windows):
-    plain = PassManager(default_pipeline("none")).run(program.module())
-    rotated = PassManager(default_pipeline("hadamard")).run(program.module())
+    plain = PassManager(float_passes("none")).run(program.module())
+    rotated = PassManager(float_passes("hadamard")).run(program.module())
     with torch.no_grad():
         a, b = plain(windows[:1]), rotated(windows[:1])
     assert ((a - b).abs().max() / a.abs().max()).item() < 1e-4

@@ -2,40 +2,19 @@
 
 from __future__ import annotations
 
-import copy
 import operator
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.fx
-from tqdm import tqdm
 
 from quantnpu.errors import DelegationError
 from quantnpu.fileio import atomic_path
 from quantnpu.lowering import qnn_sdk
-from quantnpu.passes.integer_only import quantize_kind
+from quantnpu.graph.ops import quantize_kind
 
-
-
-def calibrate_and_convert(
-    gm: torch.fx.GraphModule,
-    quantizer,
-    batches: Iterable[torch.Tensor],
-    progress: bool = True,
-) -> torch.fx.GraphModule:
-    """`prepare_pt2e`, run the calibration batches, `convert_pt2e`: a fake-quant (Q/DQ) graph.
-    `gm` itself is left unchanged."""
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-
-    prepared = prepare_pt2e(copy.deepcopy(gm), quantizer)  # prepare_pt2e rewrites its argument
-    batches = list(batches)
-    with torch.no_grad():
-        for batch in tqdm(batches, desc="calibrate", unit="window", disable=not progress):
-            prepared(batch)
-    return convert_pt2e(prepared)
 
 
 @dataclass

@@ -143,3 +143,51 @@ def token_windows(tokens: torch.Tensor, seq_len: int, max_windows: int | None = 
             raise QuantNpuError(f"asked for {max_windows} windows of {seq_len} tokens, the split has {count}")
         count = max_windows
     return tokens[: count * seq_len].reshape(count, seq_len)
+
+
+def read_text_file(path: str | Path) -> str:
+    """A user's text: plain UTF-8, or JSON Lines (`.jsonl`) whose objects each have a `text` field
+    (documents joined by blank lines). Bad files are one-line errors naming the file (and line)."""
+    from quantnpu.errors import InputFileError
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputFileError(f"{path}: no such file")
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise InputFileError(f"{path}: not UTF-8 text (byte {error.start})") from None
+    if path.suffix == ".jsonl":
+        documents = []
+        for number, line in enumerate(raw.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise InputFileError(f"{path}:{number}: not a JSON object ({error.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise InputFileError(f"{path}:{number}: a JSON Lines record needs a string field 'text'")
+            documents.append(record["text"])
+        raw = "\n\n".join(documents)
+    if not raw.strip():
+        raise InputFileError(f"{path}: no text in the file")
+    return raw
+
+
+def text_tokens(tokenizer, path: str | Path) -> torch.Tensor:
+    """The token stream (int64, 1-D) of a user's text file (`read_text_file`)."""
+    text = read_text_file(path)
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.int64)
+
+
+def windows_for(tokenizer, source: str | Path | None, split: str, seq_len: int, count: int) -> torch.Tensor:
+    """`count` windows of `seq_len` tokens: from a user's text file, or from the Brown `split`."""
+    from quantnpu.errors import InputFileError
+
+    if source is None:
+        return token_windows(split_tokens(tokenizer, split), seq_len, count)
+    tokens = text_tokens(tokenizer, source)
+    if tokens.numel() < count * seq_len:
+        raise InputFileError(f"{source}: {tokens.numel()} tokens, fewer than the {count} x {seq_len} asked for")
+    return token_windows(tokens, seq_len, count)

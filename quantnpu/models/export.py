@@ -42,6 +42,37 @@ def export_causal_lm(
         return torch.export.export(CausalLMPrefill(model.eval(), use_cache), (example,))
 
 
+def load_hf_model(directory: str | Path) -> torch.nn.Module:
+    """A local Hugging Face causal-LM folder (config.json and weights), float32, eval mode, with
+    SDPA attention where the family has it (else eager). One-line errors for a bad folder."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise InputFileError(f"{directory}: no such model folder")
+    if not (directory / "config.json").is_file():
+        raise InputFileError(f"{directory}: no config.json (not a Hugging Face model folder)")
+    if not any(directory.glob("*.safetensors")) and not any(directory.glob("*.bin")):
+        raise InputFileError(f"{directory}: no weights (*.safetensors or *.bin)")
+    try:
+        config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError, KeyError) as error:
+        raise InputFileError(f"{directory}/config.json: {str(error).strip().splitlines()[0]}") from None
+    for attention in ("sdpa", "eager"):
+        try:
+            model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, attn_implementation=attention,
+                                                         local_files_only=True)
+            return model.eval()
+        except ValueError as error:
+            if attention == "sdpa" and "scaled_dot_product_attention" in str(error):
+                continue  # the family has no SDPA path (Gemma-2)
+            raise InputFileError(f"{directory}: cannot load a causal LM of type {config.model_type!r} "
+                                 f"({str(error).strip().splitlines()[0]})") from None
+        except OSError as error:
+            raise InputFileError(f"{directory}: {str(error).strip().splitlines()[0]}") from None
+    raise AssertionError("unreachable")
+
+
 def save_pt2(program: torch.export.ExportedProgram, path: str | Path) -> Path:
     """Write the program atomically (nothing half-written on failure or interrupt)."""
     path = Path(path)

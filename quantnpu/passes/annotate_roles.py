@@ -31,12 +31,12 @@ import torch.fx
 
 from quantnpu.errors import GraphStructureError
 from quantnpu.passes.base import GraphPass, PassResult
-from quantnpu.passes.graph_utils import (
+from quantnpu.graph.ops import (
     CASTS, EMBEDDING, GATE_ACTIVATIONS, LAYER_NORM, LINEAR, MATMUL, PASSTHROUGH, RSQRT, SDPA, SOFTMAX,
     bfs_users, compute_nodes, data_users, fetch_attr, is_weight, skip_passthrough_backward,
     skip_passthrough_forward, tensor_meta,
 )
-from quantnpu.passes.meta import (
+from quantnpu.graph.meta import (
     LAYER_LINEARS, LAYER_NORMS, MODEL_ROLES, NodeInfo, layer_role, model_role, node_info, set_node_info,
 )
 
@@ -339,7 +339,7 @@ class DecoderDims:
     """Sizes of an annotated decoder, read from its weights and attention shapes."""
 
     def __init__(self, gm: torch.fx.GraphModule) -> None:
-        from quantnpu.passes.meta import nodes_by_role
+        from quantnpu.graph.meta import nodes_by_role
         from quantnpu.passes.weights import weight_tensor
 
         by_role = nodes_by_role(gm)

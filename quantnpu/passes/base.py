@@ -110,17 +110,26 @@ class PassManager:
                                 f"pass order: {earlier.__name__} must run before {type(later).__name__}"
                             )
 
-    def run(self, gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    def run(self, gm: torch.fx.GraphModule, start_after: str | None = None) -> torch.fx.GraphModule:
+        """Run the passes on `gm` (in place where a pass rewrites in place). `start_after` names a
+        pass whose output `gm` already is (e.g. the graph a `stop_after` run returned): the run
+        continues after it, without verification (its reference was the original input)."""
         self.records = []
+        passes = self.passes
+        if start_after is not None:
+            names = [p.name for p in passes]
+            if start_after not in names:
+                raise QuantNpuError(f"start_after={start_after!r} names no pass in the pipeline {names}")
+            passes = passes[names.index(start_after) + 1:]
         check = None
-        if self.verify and self.passes and self.passes[0].preserves_function:
+        if self.verify and start_after is None and passes and passes[0].preserves_function:
             from quantnpu.passes.verify import FunctionCheck
 
             try:
                 check = FunctionCheck(gm)
             except QuantNpuError as error:
                 raise QuantNpuError(f"verifier: {error} (PassManager(verify=False) skips the check)") from error
-        bar = tqdm(self.passes, desc="passes", disable=not self.progress, unit="pass")
+        bar = tqdm(passes, desc="passes", disable=not self.progress, unit="pass")
         for graph_pass in bar:
             bar.set_postfix_str(graph_pass.name)
             before = _op_counts(gm)

@@ -18,7 +18,8 @@ import torch
 import torch.fx
 
 from quantnpu.passes.base import GraphPass, PassResult
-from quantnpu.passes.graph_utils import CASTS, EXPORT_ASSERTS, insert_call, tensor_meta
+from quantnpu.graph.ops import CASTS, EXPORT_ASSERTS, insert_call, tensor_meta
+from quantnpu.graph.meta import node_info, set_node_info
 
 aten = torch.ops.aten
 _IDENTITY = {aten.alias.default, aten.clone.default, aten.contiguous.default, aten.detach.default,
@@ -41,14 +42,19 @@ def is_identity(node: torch.fx.Node) -> bool:
     return False
 
 
-def _drop_identities(graph: torch.fx.Graph) -> int:
+def drop_identity_ops(graph: torch.fx.Graph) -> int:
+    """Erase export assertions and identity ops (`is_identity`); a role on a dropped node moves to
+    its input. Returns how many nodes went."""
     dropped = 0
     for node in list(graph.nodes):
         if node.target in EXPORT_ASSERTS:
             graph.erase_node(node)
             dropped += 1
         elif is_identity(node):
-            node.replace_all_uses_with(node.args[0])
+            source = node.args[0]
+            if (info := node_info(node)) is not None and node_info(source) is None:
+                set_node_info(source, info)
+            node.replace_all_uses_with(source)
             graph.erase_node(node)
             dropped += 1
     return dropped
@@ -100,7 +106,7 @@ class Canonicalize(GraphPass):
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         graph = gm.graph
-        changed = _drop_identities(graph) + _drop_empty_concatenations(graph) + _expand_repeat_interleave(graph)
+        changed = drop_identity_ops(graph) + _drop_empty_concatenations(graph) + _expand_repeat_interleave(graph)
         graph.eliminate_dead_code()
         return PassResult(gm, bool(changed))
 

@@ -19,7 +19,7 @@ from torch.fx.node import map_arg
 
 from quantnpu.passes.base import GraphPass, PassResult
 
-from quantnpu.passes.graph_utils import EXPORT_ASSERTS, fetch_attr
+from quantnpu.graph.ops import EXPORT_ASSERTS, fetch_attr
 
 aten = torch.ops.aten
 _NONDETERMINISTIC = {aten.rand.default, aten.randn.default, aten.randint.default, aten.dropout.default,

@@ -13,9 +13,9 @@ import torch.fx
 
 from quantnpu.errors import GraphStructureError
 from quantnpu.passes.annotate_roles import AnnotateRoles
-from quantnpu.passes.graph_utils import skip_passthrough_forward
+from quantnpu.graph.ops import skip_passthrough_forward
 from quantnpu.passes.base import GraphPass, PassResult
-from quantnpu.passes.meta import node_info, nodes_by_role, set_node_info
+from quantnpu.graph.meta import node_info, nodes_by_role, set_node_info
 from quantnpu.passes.untie_embeddings import UntieEmbeddings
 from quantnpu.passes.weights import replace_weight, weight_tensor
 

@@ -10,7 +10,7 @@ parameters of the graph module named `quantnpu_R1` and `quantnpu_R2_<i>`:
   query head of the layer uses the layer's one R2).
 Each weight's get_attr is replaced by the ops computing the rotated weight (matmul, permute,
 reshape), so a later pass can learn R1/R2 through them (stage one) and BakeRotations folds them.
-Linear nodes record whether their input activation is now rotated (`NodeInfo.rotated`).
+Linear nodes record whether their input activation is now rotated (`NodeInfo.input_rotated`).
 
 R1 is applied only where it is exact. An RMSNorm commutes with an orthogonal map only without a
 per-channel weight; input norms lose theirs to FoldNorms, but a "sandwich" norm on o_proj's or
@@ -30,7 +30,7 @@ from quantnpu.errors import GraphStructureError
 from quantnpu.passes.annotate_roles import AnnotateRoles, DecoderDims
 from quantnpu.passes.base import GraphPass, PassResult
 from quantnpu.passes.fold_norms import FoldNorms, weighted_norms
-from quantnpu.passes.meta import LAYER_LINEARS, node_info, nodes_by_role, update_node_info
+from quantnpu.graph.meta import LAYER_LINEARS, node_info, nodes_by_role, update_node_info
 from quantnpu.passes.untie_embeddings import UntieEmbeddings, embedding_is_tied
 from quantnpu.passes.weights import add_weight, weight_tensor
 from quantnpu.quantizers.hadamard import rotation_matrix
@@ -130,10 +130,10 @@ class FuseRotations(GraphPass):
                 linear = by_role[f"layers.{layer}.{kind}"]
                 self._rotate_linear(gm, linear, kind, r1, r2, dims)
                 rotated = (kind in READERS and r1 is not None) or (kind == "o_proj" and r2 is not None)
-                update_node_info(linear, rotated=rotated)
+                update_node_info(linear, input_rotated=rotated)
         lm_head = by_role["lm_head"]
         self._rotate_linear(gm, lm_head, "lm_head", r1, None, dims)
-        update_node_info(lm_head, rotated=r1 is not None)
+        update_node_info(lm_head, input_rotated=r1 is not None)
         return PassResult(gm, r1 is not None or self.r2)
 
     @staticmethod

@@ -19,22 +19,10 @@ import torch
 import torch.fx
 
 from quantnpu.errors import GraphStructureError
+from quantnpu.graph.ops import EXPORT_ASSERTS, quantize_kind
 from quantnpu.passes.base import GraphPass, PassResult
-from quantnpu.passes.graph_utils import EXPORT_ASSERTS
 
-_QUANTIZE = ("quantize_per_tensor", "quantize_per_channel")
-_DEQUANTIZE = ("dequantize_per_tensor", "dequantize_per_channel")
 _IGNORED = {operator.getitem} | EXPORT_ASSERTS
-
-
-def quantize_kind(node: torch.fx.Node) -> str | None:
-    """'quantize', 'dequantize', or None for any other node."""
-    name = str(node.target)
-    if any(q in name for q in _DEQUANTIZE):
-        return "dequantize"
-    if any(q in name for q in _QUANTIZE):
-        return "quantize"
-    return None
 
 
 def _is_float(node) -> bool:

@@ -21,10 +21,10 @@ import torch.fx
 
 from quantnpu.errors import GraphStructureError
 from quantnpu.passes.annotate_roles import AnnotateRoles, DecoderDims, attention_inputs, is_rotation_linear
-from quantnpu.passes.graph_utils import PASSTHROUGH
+from quantnpu.graph.ops import PASSTHROUGH
 from quantnpu.passes.base import GraphPass, PassResult
 from quantnpu.passes.fold_constants import input_independent_nodes
-from quantnpu.passes.meta import node_info, nodes_by_role
+from quantnpu.graph.meta import node_info, nodes_by_role
 from quantnpu.passes.weights import replace_weight, weight_tensor
 from quantnpu.quantizers.hadamard import random_hadamard
 

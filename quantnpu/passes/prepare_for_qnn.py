@@ -1,16 +1,15 @@
 """PrepareForQnn: give the graph the exact form the QNN quantizer annotates and the NPU runs.
 
-Two steps, both before any observer goes in, so that the graph that is observed and calibrated is
-the graph that is quantized and lowered (one tensor, one encoding):
-1. ExecuTorch's own QNN annotation transforms (`QnnQuantizer.transform_for_annotation`): SiLU
-   becomes sigmoid * x, scaled-dot-product attention becomes bmm / softmax (with the scale split
-   over q and k), RMSNorm is recomposed where its pattern allows, and so on.
-2. `pow(x, 2)` becomes `x * x`: QNN would take the exponent as a float constant input, the one
-   tensor of the graph that is not quantized (IntegerOnlyCheck flags it).
-3. Identity ops are dropped: clone, alias, and casts to the dtype a tensor already has (Hugging
-   Face's RMSNorm casts to float32 and back). On the NPU each would be an op with its own
-   requantization; here they compute nothing. A role on a dropped node moves to its input.
-4. Attention masks get a finite, small masking value (`ATTENTION_MASK_VALUE`) in place of -inf.
+Three steps, all before any observer goes in, so that the graph that is observed and calibrated
+is the graph that is quantized and lowered (one tensor, one encoding):
+1. ExecuTorch's own QNN annotation transforms as quantnpu runs them
+   (`quantizers.quantnpu_quantizer.qnn_annotation_transforms`): SiLU becomes sigmoid * x,
+   scaled-dot-product attention becomes bmm / softmax (with the scale split over q and k), and so
+   on; `pow(x, 2)` becomes `x * x`; RMSNorm is not recomposed (ExecuTorch's recomposition
+   miscompiles a norm whose weight was folded into the next linears).
+2. Identity ops are dropped (`Canonicalize`'s rule), should the transforms have made any: on the
+   NPU each would be an op with its own requantization. A role on a dropped node moves to its input.
+3. Attention masks get a finite, small masking value (`ATTENTION_MASK_VALUE`) in place of -inf.
    The mask is added to the scores and the sum is one 16-bit tensor, so its scale is set by the
    mask's magnitude: ExecuTorch's own replacement (-65535) gives the scores a step of 2.0, so a
    one-step rounding difference moves an attention probability by up to e^2 (measured on
@@ -26,65 +25,13 @@ import torch.fx
 
 from quantnpu.passes.annotate_roles import AnnotateRoles
 from quantnpu.passes.base import GraphPass, PassResult, require
-from quantnpu.passes.meta import node_info, set_node_info
+from quantnpu.passes.canonicalize import drop_identity_ops, is_identity
+from quantnpu.graph.ops import SDPA, SOFTMAX
 
 aten = torch.ops.aten
-_IDENTITY = {aten.clone.default, aten.alias.default, aten.contiguous.default, aten.detach.default}
-_CASTS = {aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout}
-SDPA = aten.scaled_dot_product_attention.default
-SOFTMAX = {aten._softmax.default, aten.softmax.int, aten._safe_softmax.default}
 ATTENTION_MASK_VALUE = -255.0
 # What counts as "minus infinity" in a mask: anything float16 cannot hold (float32.min, -inf).
 _MASKING = float(torch.finfo(torch.float16).min)
-
-
-def _is_identity(node: torch.fx.Node) -> bool:
-    if node.op != "call_function" or not node.args or not isinstance(node.args[0], torch.fx.Node):
-        return False
-    if node.target in _IDENTITY:
-        return True
-    if node.target in _CASTS:
-        source, result = node.args[0].meta.get("val"), node.meta.get("val")
-        return isinstance(source, torch.Tensor) and isinstance(result, torch.Tensor) and source.dtype == result.dtype
-    return False
-
-
-def _is_square(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
-    if node.target not in (aten.pow.Tensor_Tensor, aten.pow.Tensor_Scalar) or len(node.args) != 2:
-        return False
-    exponent = node.args[1]
-    if isinstance(exponent, torch.fx.Node) and exponent.op == "get_attr":
-        value = gm.get_buffer(exponent.target) if exponent.target in dict(gm.named_buffers()) else getattr(gm, exponent.target)
-        return isinstance(value, torch.Tensor) and value.numel() == 1 and float(value) == 2.0
-    return exponent == 2 or exponent == 2.0
-
-
-def squares_to_products(gm: torch.fx.GraphModule) -> int:
-    rewritten = 0
-    for node in list(gm.graph.nodes):
-        if _is_square(gm, node):
-            with gm.graph.inserting_before(node):
-                product = gm.graph.call_function(aten.mul.Tensor, (node.args[0], node.args[0]))
-            product.meta = dict(node.meta)
-            node.replace_all_uses_with(product)
-            gm.graph.erase_node(node)
-            rewritten += 1
-    return rewritten
-
-
-def drop_identity_ops(gm: torch.fx.GraphModule) -> int:
-    dropped = 0
-    for node in list(gm.graph.nodes):
-        if not _is_identity(node):
-            continue
-        source = node.args[0]
-        info = node_info(node)
-        if info is not None and node_info(source) is None:
-            set_node_info(source, info)
-        node.replace_all_uses_with(source)
-        gm.graph.erase_node(node)
-        dropped += 1
-    return dropped
 
 
 def _constant_ancestors(node: torch.fx.Node) -> list[torch.fx.Node] | None:
@@ -146,14 +93,13 @@ class PrepareForQnn(GraphPass):
 
         before = len(gm.graph.nodes)
         gm = qnn_annotation_transforms(gm)
-        squares_to_products(gm)
-        drop_identity_ops(gm)
+        drop_identity_ops(gm.graph)
         bound_attention_masks(gm)
         return PassResult(gm, len(gm.graph.nodes) != before)
 
     def ensures(self, gm: torch.fx.GraphModule) -> None:
         for node in gm.graph.nodes:
             require(node.target != SDPA, "scaled_dot_product_attention left after PrepareForQnn", node)
-            require(not _is_identity(node), "identity op left after PrepareForQnn", node)
+            require(not is_identity(node), "identity op left after PrepareForQnn", node)
             for constant in _mask_constants(node):
                 require(not any(_is_masking(a) for a in constant.args), "unbounded attention mask value left after PrepareForQnn", constant)

@@ -10,7 +10,7 @@ import torch.fx
 
 from quantnpu.passes.annotate_roles import AnnotateRoles
 from quantnpu.passes.base import GraphPass, PassResult
-from quantnpu.passes.meta import nodes_by_role
+from quantnpu.graph.meta import nodes_by_role
 from quantnpu.passes.weights import add_weight, same_storage, weight_tensor
 
 UNTIED_EMBEDDING = "quantnpu_embedding_weight"

@@ -19,7 +19,7 @@ import torch.fx
 
 from quantnpu.errors import GraphStructureError, QuantNpuError
 from quantnpu.passes.base import GraphPass, PassResult
-from quantnpu.passes.graph_utils import EMBEDDING, EXPORT_ASSERTS, fetch_attr, tensor_meta
+from quantnpu.graph.ops import EMBEDDING, EXPORT_ASSERTS, fetch_attr, tensor_meta
 
 aten = torch.ops.aten
 

@@ -6,7 +6,7 @@ import torch
 import torch.fx
 
 from quantnpu.errors import GraphStructureError
-from quantnpu.passes.graph_utils import fetch_attr
+from quantnpu.graph.ops import fetch_attr
 
 
 def weight_tensor(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.Tensor:

@@ -8,11 +8,14 @@ File format (`write_encodings` / `read_encodings`), as AIMET's:
     {"version": "0.6.1",
      "activation_encodings": {tensor: [entry]},
      "param_encodings": {tensor: [entry per channel]},
-     "quantization_axes": {tensor: axis}}        (quantnpu's addition, per-channel params only)
+     "quantization_axes": {tensor: axis},        (quantnpu's addition, per-channel params only)
+     "requantized_inputs": {reader: {tensor: [entry]}}}   (quantnpu's addition: edges that re-quantize)
     entry = {"bitwidth", "dtype": "int", "is_symmetric": "True"/"False", "scale", "offset", "min", "max"}
 `offset` follows AIMET/QNN: the integer added to the unsigned code, i.e. `-2^(b-1)` for a symmetric
 grid (x = (q_unsigned + offset) * scale), and `min`/`max` are the real values of the grid's ends.
-Python floats are written with their shortest round-trip repr, so a round trip is exact.
+Python floats are written with their shortest round-trip repr, so a round trip is exact. A
+re-quantizing edge (a linear reading a 16-bit tensor at 8 bits, an op widening its input) has its
+own encoding, kept under its reader's node name, so a file alone reproduces the quantized graph.
 """
 
 from __future__ import annotations
@@ -116,18 +119,29 @@ def _from_entries(name: str, entries: list[dict], axis: int | None, path: Path) 
         raise InputFileError(f"{path}: bad encoding for tensor {name!r}: {error}") from None
 
 
-def write_encodings(path: str | Path, activations: dict[str, Encoding], params: dict[str, Encoding]) -> Path:
+@dataclass(frozen=True)
+class EncodingTable:
+    """Every encoding of a quantized graph: activations by node name, parameters by parameter
+    name, and re-quantizing edges by reader node name and input node name."""
+
+    activations: dict[str, Encoding]
+    params: dict[str, Encoding]
+    edges: dict[str, dict[str, Encoding]] = field(default_factory=dict)
+
+
+def write_encodings(path: str | Path, table: EncodingTable) -> Path:
     document = {
         "version": FORMAT_VERSION,
-        "activation_encodings": {name: _entries(e) for name, e in activations.items()},
-        "param_encodings": {name: _entries(e) for name, e in params.items()},
-        "quantization_axes": {name: e.axis for name, e in {**activations, **params}.items() if e.per_channel},
+        "activation_encodings": {name: _entries(e) for name, e in table.activations.items()},
+        "param_encodings": {name: _entries(e) for name, e in table.params.items()},
+        "quantization_axes": {name: e.axis for name, e in {**table.activations, **table.params}.items() if e.per_channel},
+        "requantized_inputs": {reader: {name: _entries(e) for name, e in inputs.items()} for reader, inputs in table.edges.items()},
     }
     atomic_write_text(path, json.dumps(document, indent=1) + "\n")
     return Path(path)
 
 
-def read_encodings(path: str | Path) -> tuple[dict[str, Encoding], dict[str, Encoding]]:
+def read_encodings(path: str | Path) -> EncodingTable:
     path = Path(path)
     if not path.is_file():
         raise InputFileError(f"{path}: no such file")
@@ -140,4 +154,6 @@ def read_encodings(path: str | Path) -> tuple[dict[str, Encoding], dict[str, Enc
     axes = document.get("quantization_axes", {})
     activations = {n: _from_entries(n, e, axes.get(n), path) for n, e in document["activation_encodings"].items()}
     params = {n: _from_entries(n, e, axes.get(n), path) for n, e in document["param_encodings"].items()}
-    return activations, params
+    edges = {reader: {n: _from_entries(f"{reader} input {n}", e, None, path) for n, e in inputs.items()}
+             for reader, inputs in document.get("requantized_inputs", {}).items()}
+    return EncodingTable(activations, params, edges)

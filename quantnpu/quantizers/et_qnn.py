@@ -7,7 +7,10 @@
 | `16a4w`       | 16-bit      | 4-bit per-channel                      |
 | `16a4w_block` | 16-bit      | 4-bit per-block (block of `block_size` input channels) |
 
-Activation observers are ExecuTorch's defaults for each config (moving-average min/max).
+Activation observers are ExecuTorch's defaults for each config (moving-average min/max). The
+annotation transforms are ExecuTorch's, as quantnpu runs them (`qnn_annotation_transforms`): without
+RMSNorm recomposition, which miscompiles a norm whose weight was folded away, and with `pow(x, 2)`
+as `x * x`.
 """
 
 from __future__ import annotations
@@ -48,7 +51,11 @@ def make_et_quantizer(config: str, gm: torch.fx.GraphModule, soc: str = "SM8650"
     }
     if config not in dtypes:
         raise QuantNpuError(f"unknown quantization config {config!r}: choose one of {', '.join(ET_CONFIGS)}")
+    from quantnpu.quantizers.quantnpu_quantizer import qnn_annotation_transforms
+
     quantizer = QnnQuantizer(soc_model=soc_model(soc))
+    # ExecuTorch's own transforms minus RecomposeRmsNorm (it miscompiles weightless norms), pow -> mul
+    quantizer.transform_for_annotation = lambda model: qnn_annotation_transforms(model, soc)
     quantizer.set_default_quant_config(dtypes[config], is_linear_per_channel=True, is_conv_per_channel=True)
     if config == "16a4w_block":
         blocks = {}

@@ -3,7 +3,7 @@
 Which tensors of which ops get quantized, and which ops share their input's encoding (views,
 permutes, ...), is ExecuTorch's knowledge of the QNN HTP backend: its `QnnQuantizer` annotation
 rules. This quantizer runs those rules and then replaces every quantization spec with a fixed one
-built from the encoding recorded on the tensor's node (`node.meta["quantnpu"].encoding`):
+built from the encoding recorded on the tensor's node (its `TensorQuant`, `node.meta["quantnpu_quant"]`):
 - a tensor has one encoding, used for its output and for every edge that reads it, except edges
   that re-quantize it (`input_encodings` on the reading node: a linear's input, a widened input);
 - linear weights are per output channel (signed, restricted range), activations per tensor
@@ -21,19 +21,24 @@ In `observe=True` mode the same annotation gets statistics-gathering observers i
 from __future__ import annotations
 
 import copy
-import functools
 
 import torch
 import torch.fx
+from torchao.quantization.pt2e.quantizer import (
+    DerivedQuantizationSpec,
+    QuantizationSpec,
+    Quantizer,
+    SharedQuantizationSpec,
+)
 
 from quantnpu.errors import GraphStructureError
-from quantnpu.passes.meta import node_info
+from quantnpu.graph.ops import LINEAR, MATMUL
+from quantnpu.graph.meta import tensor_quant
 from quantnpu.quantizers.encodings import Encoding
 from quantnpu.quantizers.observers import EncodingObserver, storage
 
 aten = torch.ops.aten
-LINEARS = {aten.linear.default}
-MATMULS = {aten.bmm.default, aten.matmul.default, aten.mm.default}
+MATMULS = MATMUL | {aten.mm.default}
 # Placeholder storage while observing: every activation alike, so torchao groups all edges of a
 # tensor (and shared views) under one observer; the bit plan sets the real storage afterwards.
 _OBSERVE_ACTIVATION = (torch.int32, 0, 2**16 - 1, torch.per_tensor_symmetric)
@@ -54,7 +59,9 @@ def qnn_annotation_transforms(gm: torch.fx.GraphModule, soc: str = "SM8650") -> 
     """ExecuTorch's QNN transforms that run before annotation (decompositions, recompositions),
     except `RecomposeRmsNorm`: on a norm whose weight was folded away it takes the next multiply's
     constant operand (e.g. a RoPE table) for the weight and writes a different function (found by
-    the verifier). quantnpu quantizes RMSNorm op by op anyway."""
+    the verifier). RMSNorm is then quantized op by op, and its `pow(x, 2)` becomes `x * x`: QNN
+    would take the exponent as a float constant input, the one tensor of the graph that is not
+    quantized (IntegerOnlyCheck flags it)."""
     base, dtypes, chip = _qnn_quantizer_base(soc)
     from executorch.backends.qualcomm._passes import RecomposeRmsNorm
     from executorch.backends.qualcomm._passes.qnn_pass_manager import get_qnn_pass_manager_cls
@@ -66,89 +73,113 @@ def qnn_annotation_transforms(gm: torch.fx.GraphModule, soc: str = "SM8650") -> 
         def get_annotation_passes(cls):
             return [p for p in super().get_annotation_passes() if p is not RecomposeRmsNorm]
 
-    return _WithoutRmsNormRecomposition().transform_for_annotation_pipeline(gm)
+    gm = _WithoutRmsNormRecomposition().transform_for_annotation_pipeline(gm)
+    squares_to_products(gm)
+    return gm
+
+
+def _is_square(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    if node.target not in (aten.pow.Tensor_Tensor, aten.pow.Tensor_Scalar) or len(node.args) != 2:
+        return False
+    exponent = node.args[1]
+    if isinstance(exponent, torch.fx.Node) and exponent.op == "get_attr":
+        value = gm.get_buffer(exponent.target) if exponent.target in dict(gm.named_buffers()) else getattr(gm, exponent.target)
+        return isinstance(value, torch.Tensor) and value.numel() == 1 and float(value) == 2.0
+    return exponent == 2 or exponent == 2.0
+
+
+def squares_to_products(gm: torch.fx.GraphModule) -> int:
+    rewritten = 0
+    for node in list(gm.graph.nodes):
+        if _is_square(gm, node):
+            with gm.graph.inserting_before(node):
+                product = gm.graph.call_function(aten.mul.Tensor, (node.args[0], node.args[0]))
+            product.meta = dict(node.meta)
+            node.replace_all_uses_with(product)
+            gm.graph.erase_node(node)
+            rewritten += 1
+    return rewritten
+
 
 
 def is_weight_edge(tensor: torch.fx.Node, consumer: torch.fx.Node) -> bool:
-    return consumer.target in LINEARS and len(consumer.args) > 1 and consumer.args[1] is tensor
+    return consumer.target == LINEAR and len(consumer.args) > 1 and consumer.args[1] is tensor
 
 
 def is_matmul_second_input(tensor: torch.fx.Node, consumer: torch.fx.Node) -> bool:
     return consumer.target in MATMULS and len(consumer.args) > 1 and consumer.args[1] is tensor
 
 
-@functools.cache
-def _quantizer_class(soc: str):
-    base, dtypes, chip = _qnn_quantizer_base(soc)
-    from torchao.quantization.pt2e.quantizer import (
-        DerivedQuantizationSpec,
-        QuantizationSpec,
-        SharedQuantizationSpec,
-    )
+class QuantNpuQuantizer(Quantizer):
+    """See the module docstring. `observe=True`: statistics observers instead of fixed encodings
+    (how InsertStaticObservers places exactly the observers this quantizer later makes fixed).
 
-    class QuantNpuQuantizer(base):
-        """See the module docstring."""
+    ExecuTorch's `QnnQuantizer` (with its 16a8w per-channel rules, which give the annotation its
+    shape) is held, not inherited, and made on first use: building it loads QNN's libraries."""
 
-        def __init__(self, observe: bool = False) -> None:
-            super().__init__(soc_model=chip)
-            # ExecuTorch's 16a8w per-channel rules give the annotation its shape; every spec is replaced.
-            self.set_default_quant_config(dtypes.use_16a8w, is_linear_per_channel=True, is_conv_per_channel=True)
-            self.observe = observe
-            self._specs: dict = {}
+    def __init__(self, soc: str = "SM8650", observe: bool = False) -> None:
+        super().__init__()
+        self.soc = soc
+        self.observe = observe
+        self._rules = None
+        self._specs: dict = {}
 
-        def transform_for_annotation(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
-            return model  # PrepareForQnn ran ExecuTorch's transforms already; the encodings name that graph
+    def _qnn_rules(self):
+        if self._rules is None:
+            base, dtypes, chip = _qnn_quantizer_base(self.soc)
+            self._rules = base(soc_model=chip)
+            self._rules.set_default_quant_config(dtypes.use_16a8w, is_linear_per_channel=True, is_conv_per_channel=True)
+        return self._rules
 
-        def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
-            super().annotate(model)
-            for node in model.graph.nodes:
-                annotation = node.meta.get("quantization_annotation")
-                if annotation is None:
-                    continue
-                for tensor, spec in list(annotation.input_qspec_map.items()):
-                    if not isinstance(spec, (SharedQuantizationSpec, DerivedQuantizationSpec)):
-                        annotation.input_qspec_map[tensor] = self._spec(tensor, node)
-                spec = annotation.output_qspec
-                if spec is not None and not isinstance(spec, (SharedQuantizationSpec, DerivedQuantizationSpec)):
-                    annotation.output_qspec = self._spec(node, None)
-            return model
+    def transform_for_annotation(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        return model  # PrepareForQnn ran ExecuTorch's transforms already; the encodings name that graph
 
-        def _spec(self, tensor: torch.fx.Node, consumer: torch.fx.Node | None):
-            weight = consumer is not None and is_weight_edge(tensor, consumer)
-            if self.observe:
-                key = ("observe", weight)
-                layout = storage(8, weight=True) if weight else _OBSERVE_ACTIVATION
-                encoding = None
-            else:
-                reader = node_info(consumer) if consumer is not None else None
-                encoding = reader.input_encoding(tensor.name) if reader is not None else None
-                if encoding is None:
-                    info = node_info(tensor)
-                    encoding = info.encoding if info is not None else None
-                if not isinstance(encoding, Encoding):
-                    raise GraphStructureError(
-                        "quantized tensor has no encoding: run InsertStaticObservers + StaticCalibration "
-                        "(or attach_encodings) first", tensor.name)
-                signed = (consumer is not None and encoding.bits == 16 and is_matmul_second_input(tensor, consumer))
-                key = (encoding, weight, signed)
-                layout = storage(encoding.bits, weight=weight, signed_activation=signed)
-            if key not in self._specs:
-                dtype, quant_min, quant_max, qscheme = layout
-                self._specs[key] = QuantizationSpec(
+    def validate(self, model: torch.fx.GraphModule) -> None:
+        pass
+
+    def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        self._qnn_rules().annotate(model)
+        for node in model.graph.nodes:
+            annotation = node.meta.get("quantization_annotation")
+            if annotation is None:
+                continue
+            for tensor, spec in list(annotation.input_qspec_map.items()):
+                if not isinstance(spec, (SharedQuantizationSpec, DerivedQuantizationSpec)):
+                    annotation.input_qspec_map[tensor] = self._spec(tensor, node)
+            spec = annotation.output_qspec
+            if spec is not None and not isinstance(spec, (SharedQuantizationSpec, DerivedQuantizationSpec)):
+                annotation.output_qspec = self._spec(node, None)
+        return model
+
+    def _spec(self, tensor: torch.fx.Node, consumer: torch.fx.Node | None) -> QuantizationSpec:
+        weight = consumer is not None and is_weight_edge(tensor, consumer)
+        if self.observe:
+            key = ("observe", weight)
+            layout = storage(8, weight=True) if weight else _OBSERVE_ACTIVATION
+            encoding = None
+        else:
+            reader = tensor_quant(consumer) if consumer is not None else None
+            encoding = reader.input_encoding(tensor.name) if reader is not None else None
+            if encoding is None:
+                record = tensor_quant(tensor)
+                encoding = record.encoding if record is not None else None
+            if not isinstance(encoding, Encoding):
+                raise GraphStructureError(
+                    "quantized tensor has no encoding: run InsertStaticObservers, PlanBitWidths and StaticCalibration "
+                    "(or attach_encodings) first", tensor.name)
+            signed = (consumer is not None and encoding.bits == 16 and is_matmul_second_input(tensor, consumer))
+            key = (encoding, weight, signed)
+            layout = storage(encoding.bits, weight=weight, signed_activation=signed)
+        if key not in self._specs:
+            dtype, quant_min, quant_max, qscheme = layout
+            self._specs[key] = QuantizationSpec(
+                dtype=dtype, quant_min=quant_min, quant_max=quant_max, qscheme=qscheme,
+                ch_axis=0 if weight else None,
+                observer_or_fake_quant_ctr=EncodingObserver.with_args(
                     dtype=dtype, quant_min=quant_min, quant_max=quant_max, qscheme=qscheme,
-                    ch_axis=0 if weight else None,
-                    observer_or_fake_quant_ctr=EncodingObserver.with_args(
-                        dtype=dtype, quant_min=quant_min, quant_max=quant_max, qscheme=qscheme,
-                        ch_axis=0, encoding=encoding),
-                )
-            return self._specs[key]
-
-    return QuantNpuQuantizer
-
-
-def make_quantnpu_quantizer(soc: str = "SM8650", observe: bool = False):
-    """A `QuantNpuQuantizer` for `soc` (observe: statistics observers, for InsertStaticObservers)."""
-    return _quantizer_class(soc)(observe=observe)
+                    ch_axis=0, encoding=encoding),
+            )
+        return self._specs[key]
 
 
 def strip_observers(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -175,5 +206,5 @@ def quantize_with_encodings(gm: torch.fx.GraphModule, soc: str = "SM8650") -> to
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     float_graph = strip_observers(gm)
-    prepared = prepare_pt2e(float_graph, make_quantnpu_quantizer(soc))
+    prepared = prepare_pt2e(float_graph, QuantNpuQuantizer(soc))
     return convert_pt2e(prepared)

@@ -13,7 +13,7 @@ import torch
 import torch.fx
 from tqdm import tqdm
 
-from quantnpu.passes.meta import node_info
+from quantnpu.graph.meta import node_info
 
 
 class _Recorder(torch.fx.Interpreter):

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.fx
 
-from quantnpu.passes.integer_only import quantize_kind
+from quantnpu.graph.ops import quantize_kind
 
 
 @dataclass(frozen=True)

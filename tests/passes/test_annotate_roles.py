@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from quantnpu.errors import GraphStructureError, PassFailedError
 from quantnpu.passes import AnnotateRoles, FoldConstants
 from quantnpu.passes.annotate_roles import find_roles
-from quantnpu.passes.meta import nodes_by_role
+from quantnpu.graph.meta import nodes_by_role
 from tests.graph_testing import assert_pass_diff, run_passes, tiny_graph
 
 

@@ -4,18 +4,15 @@ import pytest
 import torch
 
 from quantnpu.errors import PassFailedError
-from quantnpu.lowering.lower import calibrate_and_convert
-from quantnpu.passes import default_pipeline
 from quantnpu.passes.integer_only import IntegerOnlyCheck, integer_only_violations
-from quantnpu.quantizers.et_qnn import make_et_quantizer
+from quantnpu.pipeline import pipeline
 from tests.graph_testing import run_passes, tiny_graph
 
 
 @pytest.fixture(scope="module")
 def quantized():
-    gm = run_passes(tiny_graph("llama", layers=1, seq_len=8), default_pipeline("none"))
     calibration = [torch.randint(0, 128, (1, 8)) for _ in range(2)]
-    return calibrate_and_convert(gm, make_et_quantizer("16a8w", gm), calibration, progress=False)
+    return run_passes(tiny_graph("llama", layers=1, seq_len=8), pipeline("et-16a8w", calibration, rotate="none"))
 
 
 def test_fully_quantized_graph_passes(quantized):

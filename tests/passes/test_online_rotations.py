@@ -7,7 +7,7 @@ import torch
 
 from quantnpu.errors import PassFailedError
 from quantnpu.passes import AnnotateRoles, FoldConstants, InsertOnlineRotations, RemoveOnlineRotations
-from quantnpu.passes.meta import nodes_by_role
+from quantnpu.graph.meta import nodes_by_role
 from tests.graph_testing import as_float64, assert_pass_diff, run_passes, tiny_graph
 
 

@@ -6,9 +6,11 @@ import copy
 import torch
 
 from quantnpu.passes.base import GraphPass, PassResult
-from quantnpu.passes import InsertStaticObservers, PrepareForQnn, StaticCalibration, default_pipeline
-from quantnpu.passes.static_observers import encodings_by_tensor
-from quantnpu.passes.prepare_for_qnn import ATTENTION_MASK_VALUE, SOFTMAX, bound_attention_masks
+from quantnpu.passes import InsertStaticObservers, PlanBitWidths, PrepareForQnn, StaticCalibration
+from quantnpu.pipeline import float_passes
+from quantnpu.passes.static_calibration import encodings_by_tensor
+from quantnpu.graph.ops import SOFTMAX
+from quantnpu.passes.prepare_for_qnn import ATTENTION_MASK_VALUE, bound_attention_masks
 from quantnpu.quantizers.bit_plan import BitPlan
 from tests.graph_testing import assert_pass_diff, run_passes, tiny_graph
 
@@ -85,17 +87,17 @@ def _score_adds(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
 
 
 def test_tiny_llama_float_function_unchanged_and_scores_keep_a_fine_grid():
-    gm = run_passes(tiny_graph("llama", seq_len=8), default_pipeline("hadamard"))
+    gm = run_passes(tiny_graph("llama", seq_len=8), float_passes("hadamard"))
     tokens = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(0))
     expected = gm(tokens)
     prepared = run_passes(copy.deepcopy(gm), [PrepareForQnn()])
     torch.testing.assert_close(prepared(tokens), expected, rtol=1e-5, atol=1e-5)
 
     adds = [add.name for add in _score_adds(prepared)]
-    fake_quant = run_passes(prepared, [InsertStaticObservers(BitPlan.parse("8-8-8")),
+    fake_quant = run_passes(prepared, [InsertStaticObservers(), PlanBitWidths(BitPlan.parse("8-8-8")),
                                         StaticCalibration([tokens], progress=False)])
     assert len(adds) == 2, "one softmax per layer expected in the tiny model"
-    activations, _ = encodings_by_tensor(fake_quant)
+    activations = encodings_by_tensor(fake_quant).activations
     for add in adds:
         # Max-Min over scores + mask: (255 + the largest |score|) / 32767, where ExecuTorch's
         # own -65535 would give 2.0. Tiny-model scores are small next to 255.

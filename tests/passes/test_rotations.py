@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from quantnpu.errors import PassFailedError
 from quantnpu.passes import AnnotateRoles, BakeRotations, FoldConstants, FoldNorms, FuseRotations, UntieEmbeddings
-from quantnpu.passes.meta import nodes_by_role, node_info
+from quantnpu.graph.meta import nodes_by_role, node_info
 from tests.graph_testing import as_float64, assert_pass_diff, run_passes, tiny_graph
 
 ROTATE = [UntieEmbeddings(), FoldNorms(), FuseRotations(), BakeRotations()]
@@ -90,37 +90,37 @@ def test_fuse_rotations_puts_r1_r2_on_the_weights_as_graph_ops():
         +%embedding: f32[1,8,64] = aten.embedding(%matmul_default, %input_ids)  # role=embedding
         -%linear: f32[1,8,64] = aten.linear(%to_7, %model_model_layers_0_self_attn_q_proj_weight)  # role=layers.0.q_proj
         +%matmul_default_1: f32[64,64] = aten.matmul(%model_model_layers_0_self_attn_q_proj_weight, %quantnpu_r1)
-        +%linear: f32[1,8,64] = aten.linear(%to_7, %matmul_default_1)  # role=layers.0.q_proj rotated=True
+        +%linear: f32[1,8,64] = aten.linear(%to_7, %matmul_default_1)  # role=layers.0.q_proj input_rotated=True
         -%linear_1: f32[1,8,32] = aten.linear(%to_7, %model_model_layers_0_self_attn_k_proj_weight)  # role=layers.0.k_proj
         +%matmul_default_2: f32[32,64] = aten.matmul(%model_model_layers_0_self_attn_k_proj_weight, %quantnpu_r1)
-        +%linear_1: f32[1,8,32] = aten.linear(%to_7, %matmul_default_2)  # role=layers.0.k_proj rotated=True
+        +%linear_1: f32[1,8,32] = aten.linear(%to_7, %matmul_default_2)  # role=layers.0.k_proj input_rotated=True
         -%linear_2: f32[1,8,32] = aten.linear(%to_7, %model_model_layers_0_self_attn_v_proj_weight)  # role=layers.0.v_proj
         +%matmul_default_3: f32[32,64] = aten.matmul(%model_model_layers_0_self_attn_v_proj_weight, %quantnpu_r1)
         +%reshape_default: f32[2,16,64] = aten.reshape(%matmul_default_3, [2, 16, 64])
         +%permute_default: f32[16,16] = aten.permute(%quantnpu_r2_0, [1, 0])
         +%matmul_default_4: f32[2,16,64] = aten.matmul(%permute_default, %reshape_default)
         +%reshape_default_1: f32[32,64] = aten.reshape(%matmul_default_4, [32, 64])
-        +%linear_2: f32[1,8,32] = aten.linear(%to_7, %reshape_default_1)  # role=layers.0.v_proj rotated=True
+        +%linear_2: f32[1,8,32] = aten.linear(%to_7, %reshape_default_1)  # role=layers.0.v_proj input_rotated=True
         -%linear_3: f32[1,8,64] = aten.linear(%reshape_3, %model_model_layers_0_self_attn_o_proj_weight)  # role=layers.0.o_proj
         +%reshape_default_2: f32[64,4,16] = aten.reshape(%model_model_layers_0_self_attn_o_proj_weight, [64, 4, 16])
         +%matmul_default_5: f32[64,4,16] = aten.matmul(%reshape_default_2, %quantnpu_r2_0)
         +%reshape_default_3: f32[64,64] = aten.reshape(%matmul_default_5, [64, 64])
         +%permute_default_1: f32[64,64] = aten.permute(%quantnpu_r1, [1, 0])
         +%matmul_default_6: f32[64,64] = aten.matmul(%permute_default_1, %reshape_default_3)
-        +%linear_3: f32[1,8,64] = aten.linear(%reshape_3, %matmul_default_6)  # role=layers.0.o_proj rotated=True
+        +%linear_3: f32[1,8,64] = aten.linear(%reshape_3, %matmul_default_6)  # role=layers.0.o_proj input_rotated=True
         -%linear_4: f32[1,8,128] = aten.linear(%to_9, %model_model_layers_0_mlp_gate_proj_weight)  # role=layers.0.gate_proj
         +%matmul_default_7: f32[128,64] = aten.matmul(%model_model_layers_0_mlp_gate_proj_weight, %quantnpu_r1)
-        +%linear_4: f32[1,8,128] = aten.linear(%to_9, %matmul_default_7)  # role=layers.0.gate_proj rotated=True
+        +%linear_4: f32[1,8,128] = aten.linear(%to_9, %matmul_default_7)  # role=layers.0.gate_proj input_rotated=True
         -%linear_5: f32[1,8,128] = aten.linear(%to_9, %model_model_layers_0_mlp_up_proj_weight)  # role=layers.0.up_proj
         +%matmul_default_8: f32[128,64] = aten.matmul(%model_model_layers_0_mlp_up_proj_weight, %quantnpu_r1)
-        +%linear_5: f32[1,8,128] = aten.linear(%to_9, %matmul_default_8)  # role=layers.0.up_proj rotated=True
+        +%linear_5: f32[1,8,128] = aten.linear(%to_9, %matmul_default_8)  # role=layers.0.up_proj input_rotated=True
         -%linear_6: f32[1,8,64] = aten.linear(%mul_11, %model_model_layers_0_mlp_down_proj_weight)  # role=layers.0.down_proj
         +%permute_default_2: f32[64,64] = aten.permute(%quantnpu_r1, [1, 0])
         +%matmul_default_9: f32[64,128] = aten.matmul(%permute_default_2, %model_model_layers_0_mlp_down_proj_weight)
-        +%linear_6: f32[1,8,64] = aten.linear(%mul_11, %matmul_default_9)  # role=layers.0.down_proj rotated=False
+        +%linear_6: f32[1,8,64] = aten.linear(%mul_11, %matmul_default_9)  # role=layers.0.down_proj input_rotated=False
         -%linear_7: f32[1,8,128] = aten.linear(%alias, %model_lm_head_weight)  # role=lm_head
         +%matmul_default_10: f32[128,64] = aten.matmul(%model_lm_head_weight, %quantnpu_r1)
-        +%linear_7: f32[1,8,128] = aten.linear(%alias, %matmul_default_10)  # role=lm_head rotated=True
+        +%linear_7: f32[1,8,128] = aten.linear(%alias, %matmul_default_10)  # role=lm_head input_rotated=True
     """)
     R1 = fused.quantnpu_R1
     assert torch.allclose(R1 @ R1.T, torch.eye(64), atol=1e-6)
@@ -134,31 +134,31 @@ def test_bake_rotations_folds_the_weight_ops_back_into_the_parameters():
         -%embedding: f32[1,8,64] = aten.embedding(%matmul_default, %input_ids)  # role=embedding
         +%embedding: f32[1,8,64] = aten.embedding(%quantnpu_embedding_weight, %input_ids)  # role=embedding
         -%matmul_default_1: f32[64,64] = aten.matmul(%model_model_layers_0_self_attn_q_proj_weight, %quantnpu_r1)
-        -%linear: f32[1,8,64] = aten.linear(%to_7, %matmul_default_1)  # role=layers.0.q_proj rotated=True
-        +%linear: f32[1,8,64] = aten.linear(%to_7, %model_model_layers_0_self_attn_q_proj_weight)  # role=layers.0.q_proj rotated=True
+        -%linear: f32[1,8,64] = aten.linear(%to_7, %matmul_default_1)  # role=layers.0.q_proj input_rotated=True
+        +%linear: f32[1,8,64] = aten.linear(%to_7, %model_model_layers_0_self_attn_q_proj_weight)  # role=layers.0.q_proj input_rotated=True
         -%matmul_default_2: f32[32,64] = aten.matmul(%model_model_layers_0_self_attn_k_proj_weight, %quantnpu_r1)
-        -%linear_1: f32[1,8,32] = aten.linear(%to_7, %matmul_default_2)  # role=layers.0.k_proj rotated=True
-        +%linear_1: f32[1,8,32] = aten.linear(%to_7, %model_model_layers_0_self_attn_k_proj_weight)  # role=layers.0.k_proj rotated=True
+        -%linear_1: f32[1,8,32] = aten.linear(%to_7, %matmul_default_2)  # role=layers.0.k_proj input_rotated=True
+        +%linear_1: f32[1,8,32] = aten.linear(%to_7, %model_model_layers_0_self_attn_k_proj_weight)  # role=layers.0.k_proj input_rotated=True
         -%matmul_default_3: f32[32,64] = aten.matmul(%model_model_layers_0_self_attn_v_proj_weight, %quantnpu_r1)
-        -%linear_2: f32[1,8,32] = aten.linear(%to_7, %matmul_default_3)  # role=layers.0.v_proj rotated=True
-        +%linear_2: f32[1,8,32] = aten.linear(%to_7, %model_model_layers_0_self_attn_v_proj_weight)  # role=layers.0.v_proj rotated=True
+        -%linear_2: f32[1,8,32] = aten.linear(%to_7, %matmul_default_3)  # role=layers.0.v_proj input_rotated=True
+        +%linear_2: f32[1,8,32] = aten.linear(%to_7, %model_model_layers_0_self_attn_v_proj_weight)  # role=layers.0.v_proj input_rotated=True
         -%permute_default: f32[64,64] = aten.permute(%quantnpu_r1, [1, 0])
         -%matmul_default_4: f32[64,64] = aten.matmul(%permute_default, %model_model_layers_0_self_attn_o_proj_weight)
-        -%linear_3: f32[1,8,64] = aten.linear(%reshape_3, %matmul_default_4)  # role=layers.0.o_proj rotated=False
-        +%linear_3: f32[1,8,64] = aten.linear(%reshape_3, %model_model_layers_0_self_attn_o_proj_weight)  # role=layers.0.o_proj rotated=False
+        -%linear_3: f32[1,8,64] = aten.linear(%reshape_3, %matmul_default_4)  # role=layers.0.o_proj input_rotated=False
+        +%linear_3: f32[1,8,64] = aten.linear(%reshape_3, %model_model_layers_0_self_attn_o_proj_weight)  # role=layers.0.o_proj input_rotated=False
         -%matmul_default_5: f32[128,64] = aten.matmul(%model_model_layers_0_mlp_gate_proj_weight, %quantnpu_r1)
-        -%linear_4: f32[1,8,128] = aten.linear(%to_9, %matmul_default_5)  # role=layers.0.gate_proj rotated=True
-        +%linear_4: f32[1,8,128] = aten.linear(%to_9, %model_model_layers_0_mlp_gate_proj_weight)  # role=layers.0.gate_proj rotated=True
+        -%linear_4: f32[1,8,128] = aten.linear(%to_9, %matmul_default_5)  # role=layers.0.gate_proj input_rotated=True
+        +%linear_4: f32[1,8,128] = aten.linear(%to_9, %model_model_layers_0_mlp_gate_proj_weight)  # role=layers.0.gate_proj input_rotated=True
         -%matmul_default_6: f32[128,64] = aten.matmul(%model_model_layers_0_mlp_up_proj_weight, %quantnpu_r1)
-        -%linear_5: f32[1,8,128] = aten.linear(%to_9, %matmul_default_6)  # role=layers.0.up_proj rotated=True
-        +%linear_5: f32[1,8,128] = aten.linear(%to_9, %model_model_layers_0_mlp_up_proj_weight)  # role=layers.0.up_proj rotated=True
+        -%linear_5: f32[1,8,128] = aten.linear(%to_9, %matmul_default_6)  # role=layers.0.up_proj input_rotated=True
+        +%linear_5: f32[1,8,128] = aten.linear(%to_9, %model_model_layers_0_mlp_up_proj_weight)  # role=layers.0.up_proj input_rotated=True
         -%permute_default_1: f32[64,64] = aten.permute(%quantnpu_r1, [1, 0])
         -%matmul_default_7: f32[64,128] = aten.matmul(%permute_default_1, %model_model_layers_0_mlp_down_proj_weight)
-        -%linear_6: f32[1,8,64] = aten.linear(%mul_11, %matmul_default_7)  # role=layers.0.down_proj rotated=False
-        +%linear_6: f32[1,8,64] = aten.linear(%mul_11, %model_model_layers_0_mlp_down_proj_weight)  # role=layers.0.down_proj rotated=False
+        -%linear_6: f32[1,8,64] = aten.linear(%mul_11, %matmul_default_7)  # role=layers.0.down_proj input_rotated=False
+        +%linear_6: f32[1,8,64] = aten.linear(%mul_11, %model_model_layers_0_mlp_down_proj_weight)  # role=layers.0.down_proj input_rotated=False
         -%matmul_default_8: f32[128,64] = aten.matmul(%model_lm_head_weight, %quantnpu_r1)
-        -%linear_7: f32[1,8,128] = aten.linear(%alias, %matmul_default_8)  # role=lm_head rotated=True
-        +%linear_7: f32[1,8,128] = aten.linear(%alias, %model_lm_head_weight)  # role=lm_head rotated=True
+        -%linear_7: f32[1,8,128] = aten.linear(%alias, %matmul_default_8)  # role=lm_head input_rotated=True
+        +%linear_7: f32[1,8,128] = aten.linear(%alias, %model_lm_head_weight)  # role=lm_head input_rotated=True
     """)
 
 
@@ -183,7 +183,7 @@ def test_fuse_rotations_requires_folded_norms():
 
 def test_rotated_flags_follow_the_method():
     gm = run_passes(_annotated(layers=2), ROTATE)
-    flags = {node_info(n).role: node_info(n).rotated for n in gm.graph.nodes if node_info(n) and node_info(n).rotated is not None}
+    flags = {node_info(n).role: node_info(n).input_rotated for n in gm.graph.nodes if node_info(n) and node_info(n).input_rotated is not None}
     for layer in range(2):
         for kind in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"):
             assert flags[f"layers.{layer}.{kind}"] is True

@@ -129,3 +129,17 @@ def insert_call(graph: torch.fx.Graph, before: torch.fx.Node, target, *args, **k
         node = graph.call_function(target, args, kwargs)
     node.meta["val"] = target(*meta_like(list(args)), **{k: meta_like(v) for k, v in kwargs.items()})
     return node
+
+
+_QUANTIZE = ("quantize_per_tensor", "quantize_per_channel")
+_DEQUANTIZE = ("dequantize_per_tensor", "dequantize_per_channel")
+
+
+def quantize_kind(node: torch.fx.Node) -> str | None:
+    """'quantize', 'dequantize' (PT2E's Q/DQ ops, any dialect), or None for any other node."""
+    name = str(node.target)
+    if any(q in name for q in _DEQUANTIZE):
+        return "dequantize"
+    if any(q in name for q in _QUANTIZE):
+        return "quantize"
+    return None

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 import torch.fx
 
-from quantnpu.passes.meta import node_info
+from quantnpu.graph.meta import node_info, tensor_quant
 
 _DTYPES = {
     torch.float32: "f32", torch.float64: "f64", torch.float16: "f16", torch.bfloat16: "bf16",
@@ -68,8 +68,9 @@ def format_node(node: torch.fx.Node) -> str:
         args = [_format_arg(a) for a in node.args]
         args += [f"{k}={_format_arg(v)}" for k, v in node.kwargs.items()]
         text = f"{lhs} = {target}({', '.join(args)})"
-    info = node_info(node)
-    return f"{text}  # {info.describe()}" if info is not None else text
+    notes = [record.describe() for record in (node_info(node), tensor_quant(node)) if record is not None]
+    notes = [n for n in notes if n]
+    return f"{text}  # {' '.join(notes)}" if notes else text
 
 
 def graph_text(gm: torch.fx.GraphModule, keep: Callable[[torch.fx.Node], bool] | None = None) -> str:

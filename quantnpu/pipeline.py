@@ -1,0 +1,75 @@
+"""The whole chain as one ordered list of passes: float graph in, integer-only Q/DQ graph out.
+
+    from quantnpu.pipeline import pipeline
+    from quantnpu.passes import PassManager
+    qdq = PassManager(pipeline(plan=BitPlan.parse("8-8-8"), calibration=batches)).run(gm)
+
+`lower_to_qnn` takes the result from there. The CLI, every bench script and other compilers call
+this; nothing else assembles passes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from quantnpu.errors import QuantNpuError
+from quantnpu.passes import (
+    AnnotateRoles, BakeRotations, Canonicalize, FoldConstants, FoldNorms, FuseRotations, GraphPass, InsertStaticObservers,
+    PlanBitWidths, PrepareForQnn, RemoveOnlineRotations, StaticCalibration, UntieEmbeddings,
+)
+from quantnpu.passes.convert import ConvertToQdq, QuantizeWithQnnQuantizer
+from quantnpu.passes.integer_only import IntegerOnlyCheck
+from quantnpu.quantizers.bit_plan import BitPlan
+
+ROTATIONS = ("none", "hadamard", "random")
+
+
+def float_passes(rotate: str = "hadamard", seed: int = 0, strict: bool = False) -> list[GraphPass]:
+    """The function-preserving front of the chain: canonicalize, recognize, remove online
+    rotations, and (unless `rotate == "none"`) fold norms and fuse + bake R1/R2. `rotate` picks
+    random Hadamard or random orthogonal (QR) matrices; `strict`: no QR fallback for a size
+    without a Hadamard construction."""
+    if rotate not in ROTATIONS:
+        raise QuantNpuError(f"unknown rotation {rotate!r}: choose one of {', '.join(ROTATIONS)}")
+    passes: list[GraphPass] = [Canonicalize(), FoldConstants(), AnnotateRoles(), RemoveOnlineRotations()]
+    if rotate != "none":
+        passes += [UntieEmbeddings(), FoldNorms(), FuseRotations(kind=rotate, seed=seed, strict=strict), BakeRotations()]
+    return passes
+
+
+def fake_quant_passes(plan: BitPlan, calibration: Sequence[torch.Tensor], soc: str = "SM8650",
+                      progress: bool = False, legalize: bool = True) -> list[GraphPass]:
+    """Float graph -> fake-quant graph (stage two): PrepareForQnn, InsertStaticObservers,
+    PlanBitWidths(plan), StaticCalibration(calibration)."""
+    return [PrepareForQnn(), InsertStaticObservers(soc), PlanBitWidths(plan, legalize), StaticCalibration(calibration, progress, soc)]
+
+
+def pipeline(
+    plan: BitPlan | str | None = None,
+    calibration: Sequence[torch.Tensor] = (),
+    rotate: str = "hadamard",
+    soc: str = "SM8650",
+    seed: int = 0,
+    strict: bool = False,
+    progress: bool = False,
+) -> list[GraphPass]:
+    """The whole chain in order. `plan`: a quantnpu `BitPlan` (or its `W-A-KV` text) for static
+    encodings, ending in `ConvertToQdq` and `IntegerOnlyCheck`; `"et-<config>"` for ExecuTorch's
+    QnnQuantizer instead; None for the float passes alone."""
+    passes = float_passes(rotate, seed, strict)
+    if plan is None:
+        return passes
+    if isinstance(plan, str) and plan.startswith("et-"):
+        return passes + [QuantizeWithQnnQuantizer(plan.removeprefix("et-"), calibration, soc, progress)]
+    if isinstance(plan, str):
+        plan = BitPlan.parse(plan)
+    if not calibration:
+        raise QuantNpuError("static encodings need calibration batches")
+    return passes + fake_quant_passes(plan, calibration, soc, progress) + [ConvertToQdq(soc), IntegerOnlyCheck()]
+
+
+def find_pass(passes: Sequence[GraphPass], kind: type[GraphPass]) -> GraphPass | None:
+    """The pass of type `kind` in a pipeline (to read what it recorded, e.g. legalization deviations)."""
+    return next((p for p in passes if isinstance(p, kind)), None)
