@@ -138,7 +138,7 @@ def _lower(args: argparse.Namespace) -> int:
     import copy
 
     from quantnpu.lowering import qnn_sdk
-    from quantnpu.quantizers.et_qnn import soc_model
+    from quantnpu.lowering.soc import soc_model
 
     soc_model(args.soc)  # validates the name
     sdk = qnn_sdk.activate(qnn_sdk.prepare_qnn_sdk())

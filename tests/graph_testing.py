@@ -44,3 +44,16 @@ def as_float64(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     from quantnpu.passes.verify import as_float64 as cast
 
     return cast(gm)
+
+
+def annotated_graph(kind: str = "llama", layers: int = 1, **config) -> torch.fx.GraphModule:
+    """A tiny exported decoder after FoldConstants and AnnotateRoles (without Canonicalize, so the
+    export's own casts stay visible in diffs)."""
+    from quantnpu.passes import AnnotateRoles, FoldConstants
+
+    return run_passes(tiny_graph(kind, layers=layers, **config), [FoldConstants(), AnnotateRoles()])
+
+
+def relative_max(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|."""
+    return ((a - b).abs().max() / b.abs().max()).item()

@@ -121,3 +121,68 @@ def test_stop_after_prints_the_intermediate_graph(tiny_pt2, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "_folded_" in result.stdout and "role=" not in result.stdout  # AnnotateRoles did not run
     assert not list(tiny_pt2.parent.glob("*.pte"))
+
+
+def test_stop_after_any_pass_of_the_pipeline(tiny_pt2):
+    result = _lower(tiny_pt2, "--stop-after", "PlanBitWidths", "-q", "--calib-windows", "1")
+    assert result.returncode == 0, result.stderr
+    assert "activation_post_process" in result.stdout and "bits=" in result.stdout
+    _assert_one_line_error(_lower(tiny_pt2, "--stop-after", "Nope"), r"stop_after='Nope' names no pass in the pipeline")
+
+
+def test_bad_text_files_are_one_line_errors(tmp_path, tiny_pt2):
+    _assert_one_line_error(_lower(tiny_pt2, "--calib-text", tmp_path / "none.txt"), r"none\.txt: no such file")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    _assert_one_line_error(_lower(tiny_pt2, "--eval-text", empty), r"empty\.txt: no text in the file")
+    lines = tmp_path / "data.jsonl"
+    lines.write_text('{"text": "fine"}\n{"body": "no text field"}\n')
+    _assert_one_line_error(_lower(tiny_pt2, "--calib-text", lines), r"data\.jsonl:2: a JSON Lines record needs a string field 'text'")
+    binary = tmp_path / "blob.txt"
+    binary.write_bytes(b"\xff\xfe\x00bad")
+    _assert_one_line_error(_lower(tiny_pt2, "--calib-text", binary), r"blob\.txt: not UTF-8 text")
+    short = tmp_path / "short.txt"
+    short.write_text("Too few words to fill the calibration windows.")
+    _assert_one_line_error(_lower(tiny_pt2, "--calib-text", short), r"short\.txt: \d+ tokens, fewer than the 16 x 16 asked for")
+
+
+def test_tokenizer_folder_without_a_tokenizer(tmp_path, tiny_pt2):
+    (tmp_path / "tok").mkdir()
+    _assert_one_line_error(_lower(tiny_pt2, "--tokenizer", tmp_path / "tok"), r"tok: no tokenizer in this folder")
+
+
+def test_own_text_and_hf_folder_end_to_end(tmp_path):
+    """A user's Hugging Face folder exported with --hf, calibrated and evaluated on their own text."""
+    from quantnpu.models.smollm2 import load_tokenizer
+    from quantnpu.models.tiny import tiny_model
+
+    folder = tmp_path / "my-qwen3"
+    tiny_model("qwen3", layers=1, vocab=SMOLLM2_VOCAB).save_pretrained(folder)
+    load_tokenizer().save_pretrained(folder)
+    text = tmp_path / "notes.jsonl"
+    text.write_text("\n".join(json.dumps({"text": f"Note {i}: the quick brown fox jumps over the lazy dog, again and again."})
+                              for i in range(40)) + "\n")
+    exported = tmp_path / "my-qwen3.pt2"
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "export.py"), "--hf", str(folder), "--seq-len", "16", "-o", str(exported)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    output = tmp_path / "my-qwen3.pte"
+    result = _lower(exported, "-o", output, "--tokenizer", folder, "--calib-text", text, "--calib-windows", "2",
+                    "--eval", "--eval-text", text, "--eval-windows", "1", "--bits", "8-8-8")
+    assert result.returncode == 0, result.stdout + result.stderr
+    record = json.loads(output.with_suffix(".json").read_text())
+    assert record["calibration"]["text"] == str(text) and record["evaluation"]["text"] == str(text)
+    assert record["delegates"] == 1
+
+
+def test_hf_folder_errors(tmp_path):
+    def export(folder):
+        return subprocess.run([sys.executable, str(ROOT / "tools" / "export.py"), "--hf", str(folder), "-o", str(tmp_path / "x.pt2")],
+                              capture_output=True, text=True, timeout=600)
+
+    _assert_one_line_error(export(tmp_path / "missing"), r"missing: no such model folder")
+    (tmp_path / "empty").mkdir()
+    _assert_one_line_error(export(tmp_path / "empty"), r"empty: no config\.json")
+    (tmp_path / "noweights").mkdir()
+    (tmp_path / "noweights" / "config.json").write_text('{"model_type": "llama"}')
+    _assert_one_line_error(export(tmp_path / "noweights"), r"noweights: no weights")

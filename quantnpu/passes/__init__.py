@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from quantnpu.errors import QuantNpuError
 from quantnpu.passes.annotate_roles import AnnotateRoles
 from quantnpu.passes.bake_rotations import BakeRotations
 from quantnpu.passes.canonicalize import Canonicalize

@@ -32,7 +32,7 @@ import torch.fx
 from quantnpu.errors import GraphStructureError
 from quantnpu.passes.base import GraphPass, PassResult
 from quantnpu.graph.ops import (
-    CASTS, EMBEDDING, GATE_ACTIVATIONS, LAYER_NORM, LINEAR, MATMUL, PASSTHROUGH, RSQRT, SDPA, SOFTMAX,
+    CASTS, EMBEDDING, GATE_ACTIVATIONS, LAYER_NORM, LINEAR, MATMUL, RSQRT, SDPA, SOFTMAX,
     bfs_users, compute_nodes, data_users, fetch_attr, is_weight, skip_passthrough_backward,
     skip_passthrough_forward, tensor_meta,
 )

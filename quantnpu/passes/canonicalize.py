@@ -9,7 +9,9 @@ Runs first, before any pass that reads structure. Each rewrite keeps the functio
   empty constant and concatenates onto it; a full-width RoPE concatenates an empty pass-through
   slice), and a `cat` of one tensor is that tensor;
 - `repeat_interleave(x, n, dim)` (ExecuTorch's grouped-query attention) becomes
-  `reshape(expand(unsqueeze(x, dim + 1)))`, Hugging Face's `repeat_kv` form.
+  `reshape(expand(unsqueeze(x, dim + 1)))`, Hugging Face's `repeat_kv` form;
+- `aten.rms_norm` over the last dimension (`torch.nn.RMSNorm`, kept whole by `torch.export`)
+  becomes `x * rsqrt(mean(x * x) + eps) [* weight]`, the form model code writes by hand.
 """
 
 from __future__ import annotations
@@ -101,12 +103,38 @@ def _expand_repeat_interleave(graph: torch.fx.Graph) -> int:
     return changed
 
 
+def _decompose_rms_norms(graph: torch.fx.Graph) -> int:
+    changed = 0
+    for node in list(graph.nodes):
+        if node.target != aten.rms_norm.default:
+            continue
+        x, shape = node.args[0], node.args[1]
+        weight = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
+        eps = node.args[3] if len(node.args) > 3 else node.kwargs.get("eps")
+        value = tensor_meta(x)
+        if value is None or len(shape) != 1:
+            continue  # a norm over several dimensions stays whole (recognition then names it)
+        if eps is None:
+            eps = torch.finfo(value.dtype).eps
+        square = insert_call(graph, node, aten.mul.Tensor, x, x)
+        mean = insert_call(graph, node, aten.mean.dim, square, [-1], True)
+        rsqrt = insert_call(graph, node, aten.rsqrt.default, insert_call(graph, node, aten.add.Tensor, mean, eps))
+        result = insert_call(graph, node, aten.mul.Tensor, x, rsqrt)
+        if weight is not None:
+            result = insert_call(graph, node, aten.mul.Tensor, result, weight)
+        node.replace_all_uses_with(result)
+        graph.erase_node(node)
+        changed += 1
+    return changed
+
+
 class Canonicalize(GraphPass):
     """See the module docstring."""
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         graph = gm.graph
-        changed = drop_identity_ops(graph) + _drop_empty_concatenations(graph) + _expand_repeat_interleave(graph)
+        changed = (drop_identity_ops(graph) + _drop_empty_concatenations(graph) + _expand_repeat_interleave(graph)
+                   + _decompose_rms_norms(graph))
         graph.eliminate_dead_code()
         return PassResult(gm, bool(changed))
 

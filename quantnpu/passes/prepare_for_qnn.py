@@ -95,6 +95,7 @@ class PrepareForQnn(GraphPass):
         gm = qnn_annotation_transforms(gm)
         drop_identity_ops(gm.graph)
         bound_attention_masks(gm)
+        gm.graph.eliminate_dead_code()  # e.g. the exponent constant of a rewritten pow
         return PassResult(gm, len(gm.graph.nodes) != before)
 
     def ensures(self, gm: torch.fx.GraphModule) -> None:

@@ -23,23 +23,10 @@ from quantnpu.errors import QuantNpuError
 ET_CONFIGS = ("8a8w", "16a8w", "16a4w", "16a4w_block")
 
 
-def soc_names() -> list[str]:
-    from executorch.backends.qualcomm.serialization.qc_schema import QcomChipset
-
-    return [chip.name for chip in QcomChipset if chip.name != "UNKNOWN_SM"]
-
-
-def soc_model(name: str):
-    from executorch.backends.qualcomm.serialization.qc_schema import QcomChipset
-
-    if name not in soc_names():
-        raise QuantNpuError(f"unknown SoC {name!r}: choose one of {', '.join(soc_names())}")
-    return QcomChipset[name]
-
-
 def make_et_quantizer(config: str, gm: torch.fx.GraphModule, soc: str = "SM8650", block_size: int = 32):
     """A configured ExecuTorch `QnnQuantizer` for `gm` (the block map names gm's linear nodes)."""
     from quantnpu.lowering import qnn_sdk
+    from quantnpu.lowering.soc import soc_model
 
     # Before ExecuTorch's QNN code runs: without QNN_SDK_ROOT it tries to download an SDK.
     qnn_sdk.activate()

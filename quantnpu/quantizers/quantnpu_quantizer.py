@@ -50,7 +50,7 @@ def _qnn_quantizer_base(soc: str):
     qnn_sdk.activate()  # before ExecuTorch's QNN code: without QNN_SDK_ROOT it tries a download
     from executorch.backends.qualcomm.quantizer.quantizer import QnnQuantizer, QuantDtype
 
-    from quantnpu.quantizers.et_qnn import soc_model
+    from quantnpu.lowering.soc import soc_model
 
     return QnnQuantizer, QuantDtype, soc_model(soc)
 

@@ -104,3 +104,58 @@ def test_tiny_llama_float_function_unchanged_and_scores_keep_a_fine_grid():
         (scale,) = activations[add].scale
         assert activations[add].bits == 16
         assert -ATTENTION_MASK_VALUE / 32767 <= scale < 1.1 * -ATTENTION_MASK_VALUE / 32767, add
+
+
+class _GatedAttention(torch.nn.Module):
+    """Causal attention, a SiLU-gated product and a square: what PrepareForQnn rewrites."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mask", torch.triu(torch.full((4, 4), float("-inf")), 1))
+
+    def forward(self, q, k, v, gate, up):
+        attention = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)
+        return attention, torch.nn.functional.silu(gate) * up, gate.pow(2)
+
+
+def test_prepare_for_qnn_main_rewrite():
+    """SDPA becomes bmm / softmax with the scale split over q and k, SiLU becomes x * sigmoid(x),
+    pow(x, 2) becomes x * x, and the -inf mask is bounded (the buffer's value, not a graph line)."""
+    args = tuple(torch.randn(shape) for shape in [(1, 2, 4, 8)] * 3 + [(1, 4, 16)] * 2)
+    gm = torch.export.export(_GatedAttention(), args).module()
+    after = assert_pass_diff(gm, [PrepareForQnn()], """
+        +%sigmoid_default: f32[1,4,16] = aten.sigmoid(%gate)
+        +%mul_tensor: f32[1,4,16] = aten.mul.Tensor(%gate, %sigmoid_default)
+        -%scaled_dot_product_attention: f32[1,2,4,8] = aten.scaled_dot_product_attention(%q, %k, %v, %mask)
+        -%silu: f32[1,4,16] = aten.silu(%gate)
+        -%mul: f32[1,4,16] = aten.mul.Tensor(%silu, %up)
+        -%pow_1: f32[1,4,16] = aten.pow.Tensor_Scalar(%gate, 2)
+        -return (%scaled_dot_product_attention, %mul, %pow_1)
+        +%_tensor_constant_0: f32[] = get_attr _tensor_constant_0
+        +%mul_1: f32[1,2,4,8] = aten.mul.Tensor(%q, %_tensor_constant_0)
+        +%transpose: f32[1,2,8,4] = aten.transpose.int(%k, -2, -1)
+        +%_tensor_constant_1: f32[] = get_attr _tensor_constant_1
+        +%mul_2: f32[1,2,8,4] = aten.mul.Tensor(%transpose, %_tensor_constant_1)
+        +%expand: f32[1,2,4,8] = aten.expand(%mul_1, [1, 2, 4, 8])
+        +%view: f32[2,4,8] = aten.view(%expand, [2, 4, 8])
+        +%expand_1: f32[1,2,8,4] = aten.expand(%mul_2, [1, 2, 8, 4])
+        +%view_1: f32[2,8,4] = aten.view(%expand_1, [2, 8, 4])
+        +%bmm: f32[2,4,4] = aten.bmm(%view, %view_1)
+        +%view_2: f32[1,2,4,4] = aten.view(%bmm, [1, 2, 4, 4])
+        +%add: f32[1,2,4,4] = aten.add.Tensor(%view_2, %mask)
+        +%_safe_softmax: f32[1,2,4,4] = aten._safe_softmax(%add, -1)
+        +%expand_2: f32[1,2,4,4] = aten.expand(%_safe_softmax, [1, 2, 4, 4])
+        +%view_3: f32[2,4,4] = aten.view(%expand_2, [2, 4, 4])
+        +%expand_3: f32[1,2,4,8] = aten.expand(%v, [1, 2, 4, 8])
+        +%view_4: f32[2,4,8] = aten.view(%expand_3, [2, 4, 8])
+        +%bmm_1: f32[2,4,8] = aten.bmm(%view_3, %view_4)
+        +%view_5: f32[1,2,4,8] = aten.view(%bmm_1, [1, 2, 4, 8])
+        +%permute: f32[4,1,2,8] = aten.permute(%view_5, [2, 0, 1, 3])
+        +%permute_1: f32[1,2,4,8] = aten.permute(%permute, [1, 2, 0, 3])
+        +%mul: f32[1,4,16] = aten.mul.Tensor(%mul_tensor, %up)
+        +%mul_tensor_1: f32[1,4,16] = aten.mul.Tensor(%gate, %gate)
+        +return (%permute_1, %mul, %mul_tensor_1)
+    """)
+    assert float(after.mask.min()) == ATTENTION_MASK_VALUE
+    for rewritten, original in zip(after(*args), gm(*args)):
+        torch.testing.assert_close(rewritten, original, rtol=1e-5, atol=1e-6)
