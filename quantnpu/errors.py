@@ -32,3 +32,7 @@ class QnnSetupError(QuantNpuError):
 
 class DelegationError(QuantNpuError):
     """Compute was left outside the QNN delegates of a lowered program."""
+
+
+class FunctionChangedError(QuantNpuError):
+    """A rewrite that should keep the function changed it (the verifier's finding)."""

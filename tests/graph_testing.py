@@ -41,7 +41,7 @@ def assert_pass_diff(gm: torch.fx.GraphModule, passes: list[GraphPass], expected
 
 def as_float64(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """The same graph computing in float64 throughout (the verifier's cast, on a copy)."""
-    from quantnpu.passes.verify import as_float64 as cast
+    from quantnpu.graph.equivalence import as_float64 as cast
 
     return cast(gm)
 

@@ -13,7 +13,7 @@ from quantnpu.models.export import export_causal_lm
 from quantnpu.models.tiny import FAMILIES, tiny_model
 from quantnpu.passes import FuseRotations, PassManager
 from quantnpu.graph.meta import nodes_by_role, node_info
-from quantnpu.passes.verify import as_float64, sample_token_ids
+from quantnpu.graph.equivalence import as_float64, sample_token_ids
 from quantnpu.pipeline import find_pass, float_passes, pipeline
 
 SEQ = 8

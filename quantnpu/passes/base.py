@@ -18,7 +18,8 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from torch.fx.passes.infra.pass_manager import this_before_that_pass_constraint
 from tqdm import tqdm
 
-from quantnpu.errors import GraphStructureError, PassFailedError, QuantNpuError
+from quantnpu.errors import FunctionChangedError, GraphStructureError, PassFailedError, QuantNpuError
+from quantnpu.graph.equivalence import FunctionCheck
 
 __all__ = ["GraphPass", "PassManager", "PassRecord", "PassResult"]
 
@@ -77,7 +78,7 @@ class PassManager:
 
     `verify` (on by default): the input graph's logits on seeded random token ids are the
     reference, and after each pass that `preserves_function`, up to the first one that does not,
-    the graph must still compute them (`passes/verify.py`); the first pass that changed them is
+    the graph must still compute them (`graph/equivalence.py`); the first pass that changed them is
     the one named. Turn it off only for a graph that is not a token-ids -> logits decoder.
     """
 
@@ -123,8 +124,6 @@ class PassManager:
             passes = passes[names.index(start_after) + 1:]
         check = None
         if self.verify and start_after is None and passes and passes[0].preserves_function:
-            from quantnpu.passes.verify import FunctionCheck
-
             try:
                 check = FunctionCheck(gm)
             except QuantNpuError as error:
@@ -148,8 +147,6 @@ class PassManager:
                 if check is not None:
                     difference = check.difference(gm)
                     if not difference <= check.tolerance:
-                        from quantnpu.passes.verify import FunctionChangedError
-
                         raise FunctionChangedError(f"it changed the function: {check.describe(difference)}")
             except PassFailedError:
                 raise

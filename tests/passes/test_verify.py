@@ -9,7 +9,9 @@ import torch
 from quantnpu.errors import PassFailedError
 from quantnpu.passes import AnnotateRoles, FoldNorms, GraphPass, PassManager, PassResult
 from quantnpu.graph.meta import nodes_by_role
-from quantnpu.passes.verify import FunctionChangedError, VerifyFunction, sample_token_ids
+from quantnpu.errors import FunctionChangedError
+from quantnpu.graph.equivalence import sample_token_ids
+from quantnpu.passes.verify import VerifyFunction
 from quantnpu.passes.weights import replace_weight, weight_tensor
 from quantnpu.pipeline import float_passes, pipeline
 from tests.graph_testing import tiny_graph
