@@ -180,7 +180,8 @@ def _lower(args: argparse.Namespace) -> int:
         "quant": args.quant, "rotate": args.rotate, "soc": args.soc, "seq_len": seq_len, "batch": batch,
         "calibration": {"text": args.calib_text or "brown calibration split", "windows": args.calib_windows},
         "qnn_sdk": str(sdk.root), "delegates": lowered.delegates, **extra,
-        "passes": [{"name": r.name, "seconds": round(r.seconds, 3), "summary": r.summary} for r in manager.records],
+        "passes": [{"name": r.name, "seconds": round(r.seconds, 3), "function_difference": r.function_difference,
+                    "summary": r.summary} for r in manager.records],
         "outside_delegates": lowered.outside_delegates, "pte_bytes": lowered.size_bytes,
     }
     if args.eval:

@@ -24,7 +24,6 @@ the node. Run `Canonicalize` and `FoldConstants` first.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
 
 import torch
 import torch.fx
@@ -32,10 +31,11 @@ import torch.fx
 from quantnpu.errors import GraphStructureError
 from quantnpu.passes.base import GraphPass, PassResult
 from quantnpu.graph.ops import (
-    CASTS, EMBEDDING, GATE_ACTIVATIONS, LAYER_NORM, LINEAR, MATMUL, RSQRT, SDPA, SOFTMAX,
-    bfs_users, compute_nodes, data_users, fetch_attr, is_weight, skip_passthrough_backward,
+    CASTS, EMBEDDING, GATE_ACTIVATIONS, LINEAR, MATMUL, SDPA, SOFTMAX,
+    bfs_users, compute_nodes, fetch_attr, is_weight, skip_passthrough_backward,
     skip_passthrough_forward, tensor_meta,
 )
+from quantnpu.graph.patterns import RmsNorm, rms_norms
 from quantnpu.graph.meta import (
     LAYER_LINEARS, LAYER_NORMS, MODEL_ROLES, NodeInfo, layer_role, model_role, node_info, set_node_info,
 )
@@ -148,68 +148,6 @@ def _attention_input(gm, linear: torch.fx.Node, slots, limit: int = 96) -> tuple
                 seen.add(user)
                 frontier.append(user)
     return None
-
-
-# ---- RMSNorm --------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class RmsNorm:
-    input: torch.fx.Node        # x
-    normalized: torch.fx.Node   # x * rsqrt(mean(x * x) + eps)
-    output: torch.fx.Node       # the weight multiply, else `normalized` (after casts)
-    weight: torch.fx.Node | None
-
-
-def _is_square_of(node: object, x: torch.fx.Node) -> bool:
-    if not isinstance(node, torch.fx.Node):
-        return False
-    if node.target == aten.mul.Tensor:
-        return node.args[0] is x and node.args[1] is x
-    return node.target in (aten.pow.Tensor_Scalar, aten.pow.Tensor_Tensor) and node.args[0] is x and node.args[1] in (2, 2.0)
-
-
-def _norm_weight(gm: torch.fx.GraphModule, node: torch.fx.Node, normalized: torch.fx.Node) -> torch.fx.Node | None:
-    if node.target != aten.mul.Tensor:
-        return None
-    for a, b in (node.args, node.args[::-1]):
-        if b is normalized and is_weight(a) and isinstance(value := fetch_attr(gm, a.target), torch.Tensor) and value.dim() == 1:
-            return a
-    return None
-
-
-def rms_norms(gm: torch.fx.GraphModule) -> list[RmsNorm]:
-    """Every RMSNorm in graph order; an rsqrt that is not one is an error naming it."""
-    norms = []
-    for node in compute_nodes(gm):
-        if node.target in LAYER_NORM:
-            raise GraphStructureError("LayerNorm (mean-subtracted, with bias) is not supported: only RMSNorm decoders are", node.name)
-        if node.target != RSQRT:
-            continue
-        products = [u for u in data_users(node) if u.target == aten.mul.Tensor]
-        variance = node.args[0]
-        mean = variance.args[0] if isinstance(variance, torch.fx.Node) and variance.target == aten.add.Tensor else None
-        if len(products) != 1 or not isinstance(mean, torch.fx.Node) or mean.target != aten.mean.dim:
-            raise GraphStructureError("rsqrt is not the x * rsqrt(mean(x * x) + eps) of an RMSNorm", node.name)
-        normalized = products[0]
-        x = normalized.args[0] if normalized.args[1] is node else normalized.args[1]
-        if not _is_square_of(mean.args[0], x):
-            raise GraphStructureError("normalization is not an RMSNorm (x * rsqrt(mean(x * x) + eps)); "
-                                      "mean-subtracted norms are not supported", node.name)
-        output, weight = normalized, None
-        while True:
-            users = data_users(output)
-            if len(users) != 1:
-                break
-            user = users[0]
-            if user.target in CASTS and user.args[0] is output:
-                output = user
-            elif (found := _norm_weight(gm, user, output)) is not None:
-                output, weight = user, found
-                break
-            else:
-                break
-        norms.append(RmsNorm(x, normalized, output, weight))
-    return norms
 
 
 # ---- recognition ----------------------------------------------------------------------------

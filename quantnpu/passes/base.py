@@ -49,6 +49,8 @@ class PassRecord:
     nodes_before: int
     nodes_after: int
     summary: str
+    # the verifier's relative logit difference from the input graph after this pass (None: not checked)
+    function_difference: float | None = None
 
 
 def _op_counts(gm: torch.fx.GraphModule) -> Counter:
@@ -133,6 +135,7 @@ class PassManager:
             bar.set_postfix_str(graph_pass.name)
             before = _op_counts(gm)
             start = time.perf_counter()
+            difference = None
             try:
                 result = graph_pass(gm)
                 if isinstance(result, PassResult):
@@ -160,14 +163,17 @@ class PassManager:
                 nodes_before=sum(before.values()),
                 nodes_after=sum(after.values()),
                 summary=_summarize(before, after),
+                function_difference=difference,
             ))
             if graph_pass.name == self.stop_after:
                 break
         return gm
 
     def report(self) -> str:
+        """One line per pass: time, node counts, verified logit difference (or -), op-count change."""
         return "\n".join(
-            f"{r.name:<28} {r.seconds * 1000:8.1f} ms  {r.nodes_before:>5} -> {r.nodes_after:<5} nodes  {r.summary}"
+            f"{r.name:<24} {r.seconds * 1000:8.1f} ms  {r.nodes_before:>5} -> {r.nodes_after:<5} nodes  "
+            f"{'-' if r.function_difference is None else f'{r.function_difference:.1e}':>8}  {r.summary}"
             for r in self.records
         )
 

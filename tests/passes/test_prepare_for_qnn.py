@@ -9,6 +9,7 @@ from quantnpu.passes.base import GraphPass, PassResult
 from quantnpu.passes import InsertStaticObservers, PlanBitWidths, PrepareForQnn, StaticCalibration
 from quantnpu.pipeline import float_passes
 from quantnpu.passes.static_calibration import encodings_by_tensor
+from quantnpu.graph.meta import node_info
 from quantnpu.graph.ops import SOFTMAX
 from quantnpu.passes.prepare_for_qnn import ATTENTION_MASK_VALUE, bound_attention_masks
 from quantnpu.quantizers.bit_plan import BitPlan
@@ -159,3 +160,13 @@ def test_prepare_for_qnn_main_rewrite():
     assert float(after.mask.min()) == ATTENTION_MASK_VALUE
     for rewritten, original in zip(after(*args), gm(*args)):
         torch.testing.assert_close(rewritten, original, rtol=1e-5, atol=1e-6)
+
+
+def test_norms_with_a_weight_become_one_rms_norm_op_weightless_ones_stay_op_by_op():
+    rms_norm = torch.ops.aten.rms_norm.default
+    plain = run_passes(tiny_graph("llama", layers=2, seq_len=8), float_passes("none") + [PrepareForQnn()])
+    assert sum(n.target == rms_norm for n in plain.graph.nodes) == 5  # 2 per layer + the final norm
+    assert {node_info(n).role for n in plain.graph.nodes if n.target == rms_norm and node_info(n)} >= {"final_norm", "layers.1.input_norm"}
+    rotated = run_passes(tiny_graph("llama", layers=2, seq_len=8), float_passes("hadamard") + [PrepareForQnn()])
+    assert not any(n.target == rms_norm for n in rotated.graph.nodes)  # folded: nothing to recompose
+    assert sum(n.target == torch.ops.aten.rsqrt.default for n in rotated.graph.nodes) == 5

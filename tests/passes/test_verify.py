@@ -73,3 +73,14 @@ def test_function_changed_error_is_a_quantnpu_error():
     from quantnpu.errors import QuantNpuError
 
     assert issubclass(FunctionChangedError, QuantNpuError)
+
+
+def test_each_verified_pass_records_its_difference():
+    gm = tiny_graph("llama", layers=1)
+    calibration = [sample_token_ids(gm, seed) for seed in range(2)]
+    manager = PassManager(pipeline("8-8-8", calibration))
+    manager.run(gm)
+    verified = {r.name: r.function_difference for r in manager.records}
+    assert all(0 <= verified[name] < 1e-4 for name in ("Canonicalize", "FuseRotations", "BakeRotations", "PrepareForQnn"))
+    assert verified["StaticCalibration"] is None and verified["ConvertToQdq"] is None
+    assert "BakeRotations" in manager.report()

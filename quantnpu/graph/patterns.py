@@ -1,0 +1,95 @@
+"""Structural patterns recognised in decoder graphs, shared by the passes and the quantizer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+
+from quantnpu.errors import GraphStructureError
+from quantnpu.graph.ops import CASTS, LAYER_NORM, RSQRT, compute_nodes, data_users, fetch_attr, insert_call, is_weight
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class RmsNorm:
+    input: torch.fx.Node        # x
+    normalized: torch.fx.Node   # x * rsqrt(mean(x * x) + eps)
+    output: torch.fx.Node       # the weight multiply, else `normalized` (after casts)
+    weight: torch.fx.Node | None
+    eps: object                 # the number added to the mean square
+
+
+def _is_square_of(node: object, x: torch.fx.Node) -> bool:
+    if not isinstance(node, torch.fx.Node):
+        return False
+    if node.target == aten.mul.Tensor:
+        return node.args[0] is x and node.args[1] is x
+    return node.target in (aten.pow.Tensor_Scalar, aten.pow.Tensor_Tensor) and node.args[0] is x and node.args[1] in (2, 2.0)
+
+
+def _norm_weight(gm: torch.fx.GraphModule, node: torch.fx.Node, normalized: torch.fx.Node) -> torch.fx.Node | None:
+    if node.target != aten.mul.Tensor:
+        return None
+    for a, b in (node.args, node.args[::-1]):
+        if b is normalized and is_weight(a) and isinstance(value := fetch_attr(gm, a.target), torch.Tensor) and value.dim() == 1:
+            return a
+    return None
+
+
+def rms_norms(gm: torch.fx.GraphModule) -> list[RmsNorm]:
+    """Every RMSNorm in graph order; an rsqrt that is not one is an error naming it."""
+    norms = []
+    for node in compute_nodes(gm):
+        if node.target in LAYER_NORM:
+            raise GraphStructureError("LayerNorm (mean-subtracted, with bias) is not supported: only RMSNorm decoders are", node.name)
+        if node.target != RSQRT:
+            continue
+        products = [u for u in data_users(node) if u.target == aten.mul.Tensor]
+        variance = node.args[0]
+        mean = variance.args[0] if isinstance(variance, torch.fx.Node) and variance.target == aten.add.Tensor else None
+        if len(products) != 1 or not isinstance(mean, torch.fx.Node) or mean.target != aten.mean.dim:
+            raise GraphStructureError("rsqrt is not the x * rsqrt(mean(x * x) + eps) of an RMSNorm", node.name)
+        normalized = products[0]
+        x = normalized.args[0] if normalized.args[1] is node else normalized.args[1]
+        if not _is_square_of(mean.args[0], x):
+            raise GraphStructureError("normalization is not an RMSNorm (x * rsqrt(mean(x * x) + eps)); "
+                                      "mean-subtracted norms are not supported", node.name)
+        output, weight = normalized, None
+        while True:
+            users = data_users(output)
+            if len(users) != 1:
+                break
+            user = users[0]
+            if user.target in CASTS and user.args[0] is output:
+                output = user
+            elif (found := _norm_weight(gm, user, output)) is not None:
+                output, weight = user, found
+                break
+            else:
+                break
+        norms.append(RmsNorm(x, normalized, output, weight, variance.args[1]))
+    return norms
+
+
+def recompose_weighted_rms_norms(gm: torch.fx.GraphModule) -> int:
+    """Each RMSNorm whose weight multiply reads the normalized tensor directly becomes one
+    `aten.rms_norm(x, [d], weight, eps)`: QNN quantizes and runs it as one op (its own internal
+    precision) instead of quantizing x * x, its mean and rsqrt as 16-bit tensors, which the
+    outliers of an unrotated residual stream wreck. Weightless norms (weights folded into the
+    next linears) stay op by op. Returns how many were recomposed."""
+    recomposed = 0
+    for norm in rms_norms(gm):
+        if norm.weight is None or norm.output.args[0] is not norm.normalized and norm.output.args[1] is not norm.normalized:
+            continue
+        shape = [int(norm.input.meta["val"].shape[-1])]
+        fused = insert_call(gm.graph, norm.output, aten.rms_norm.default, norm.input, shape, norm.weight, float(norm.eps))
+        for key in ("quantnpu", "nn_module_stack", "stack_trace"):
+            if key in norm.output.meta:
+                fused.meta[key] = norm.output.meta[key]
+        norm.output.replace_all_uses_with(fused)
+        recomposed += 1
+    gm.graph.eliminate_dead_code()
+    return recomposed
