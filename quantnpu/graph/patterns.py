@@ -57,6 +57,12 @@ def rms_norms(gm: torch.fx.GraphModule) -> list[RmsNorm]:
         if not _is_square_of(mean.args[0], x):
             raise GraphStructureError("normalization is not an RMSNorm (x * rsqrt(mean(x * x) + eps)); "
                                       "mean-subtracted norms are not supported", node.name)
+        rank = x.meta["val"].dim() if isinstance(x.meta.get("val"), torch.Tensor) else None
+        dims = [d % rank for d in mean.args[1]] if rank is not None and len(mean.args) > 1 else None
+        keepdim = (mean.args[2] if len(mean.args) > 2 else mean.kwargs.get("keepdim", False))
+        if dims != [rank - 1] or not keepdim or isinstance(variance.args[1], torch.fx.Node):
+            raise GraphStructureError("RMSNorm over other than the last dimension (or with a computed eps) is not supported",
+                                      node.name)
         output, weight = normalized, None
         while True:
             users = data_users(output)
