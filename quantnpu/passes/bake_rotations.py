@@ -11,6 +11,7 @@ import torch
 import torch.fx
 
 from quantnpu.errors import GraphStructureError
+from quantnpu.graph.ops import ancestors
 from quantnpu.passes.base import GraphPass, PassResult
 from quantnpu.passes.fold_constants import evaluate_nodes, input_independent_nodes
 from quantnpu.passes.fuse_rotations import FuseRotations, is_rotation_target
@@ -28,16 +29,6 @@ def _rotation_expressions(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.Node,
     return found
 
 
-def _chain(node: torch.fx.Node) -> set[torch.fx.Node]:
-    seen, stack = set(), [node]
-    while stack:
-        current = stack.pop()
-        if current not in seen:
-            seen.add(current)
-            stack.extend(current.all_input_nodes)
-    return seen
-
-
 class BakeRotations(GraphPass):
     run_after = (FuseRotations,)
 
@@ -46,7 +37,7 @@ class BakeRotations(GraphPass):
         baked = False
         for consumer, index in _rotation_expressions(gm):
             expression = consumer.args[index]
-            chain = _chain(expression)
+            chain = set(ancestors(expression))
             if not any(n.op == "get_attr" and is_rotation_target(n.target) for n in chain):
                 continue  # not a rotation (FoldConstants' business)
             sources = [n for n in chain if n.op == "get_attr" and not is_rotation_target(n.target)]
