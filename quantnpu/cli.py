@@ -268,11 +268,15 @@ def _output_vocab(gm, path: Path) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _lower_parser().parse_args(argv)
+    return _run_quietly(_lower, _lower_parser().parse_args(argv))
+
+
+def _run_quietly(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """`run` with backend output kept quiet unless `--verbose` (quantnpu/logs.py)."""
     from quantnpu.logs import quiet_backends
 
     with quiet_backends(verbose=args.verbose) as status:
-        code = _guarded(_lower, args)
+        code = _guarded(run, args)
         status.failed = code != 0
     return code
 
@@ -318,4 +322,5 @@ def export_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=128, help="static sequence length")
     parser.add_argument("-o", "--output", required=True, help="the .pt2 to write")
     parser.add_argument("--force", action="store_true", help="export again even if the output exists")
-    return _guarded(_export, parser.parse_args(argv))
+    parser.add_argument("-v", "--verbose", action="store_true", help="show the libraries' own log lines")
+    return _run_quietly(_export, parser.parse_args(argv))
