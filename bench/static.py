@@ -46,22 +46,24 @@ from quantnpu.runtime_harness.records import package_versions, peak_memory_mib  
 
 # Without rotation, the linears whose inputs R1/R2 would rotate get A bits only by override.
 UNROTATED_A = tuple(f"*.{kind}.input" for kind in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"))
+# (W-A-KV, rotation, overrides, fraction of down_proj inputs promoted to 16 bits by sensitivity)
 ROWS = [
-    ("8-8-8", "none", ()), ("8-8-8", "hadamard", ()),
-    ("4-8-8", "none", ()), ("4-8-8", "hadamard", ()),
-    ("4-4-8", "none", tuple(f"{p}=4" for p in UNROTATED_A)), ("4-4-8", "hadamard", ()),
-    ("8-8-8", "hadamard", ("*.down_proj.input=16",)),
+    ("8-8-8", "none", (), 0.0), ("8-8-8", "hadamard", (), 0.0),
+    ("4-8-8", "none", (), 0.0), ("4-8-8", "hadamard", (), 0.0),
+    ("4-4-8", "none", tuple(f"{p}=4" for p in UNROTATED_A), 0.0), ("4-4-8", "hadamard", (), 0.0),
+    ("8-8-8", "hadamard", ("*.down_proj.input=16",), 0.0),
+    ("8-8-8", "hadamard", (), 0.1), ("4-8-8", "hadamard", (), 0.1), ("4-4-8", "hadamard", (), 0.1),
 ]
 ET_SKELETON = {"8a8w": 134999.8, "16a8w": 51.720, "16a4w": 148.748, "16a4w_block": 75.041}
 
 
-def fake_quant(graph, plan, calibration, rotate: str = "hadamard"):
+def fake_quant(graph, plan, calibration, rotate: str = "hadamard", promote_fraction: float = 0.0):
     """The pipeline up to StaticCalibration on a copy of the exported `graph`: (fake-quant graph,
     HTP legalization deviations, init-rule warnings, seconds). The float passes are verified."""
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        passes = pipeline(plan, calibration, rotate, progress=True)
+        passes = pipeline(plan, calibration, rotate, progress=True, promote_fraction=promote_fraction)
         fq = PassManager(passes, stop_after="StaticCalibration").run(copy.deepcopy(graph))
     deviations = [asdict(d) for d in find_pass(passes, PlanBitWidths).deviations]
     warned = sorted({str(w.message).split(":")[0] for w in caught if "against the rule" in str(w.message)})
@@ -95,12 +97,12 @@ def write(results: dict, out: Path) -> None:
         f"Fake-quant: {results['eval']['windows']} x {results['eval']['seq_len']}-token windows; "
         f"calibration {results['calibration']['windows']} x {results['calibration']['seq_len']}. "
         f"Float ppl: unrotated {results['float'].get('none', float('nan')):.3f}, rotated {results['float'].get('hadamard', float('nan')):.3f}.", "",
-        "| W-A-KV | rotation | overrides | fake-quant ppl | HTP deviations | calibrate (s) |",
-        "|---|---|---|---|---|---|",
+        "| W-A-KV | rotation | overrides | down_proj inputs promoted by sensitivity | fake-quant ppl | HTP deviations | passes + calibrate (s) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in results["rows"]:
-        lines.append(f"| {row['bits']} | {row['rotate']} | {' '.join(row['overrides']) or '-'} | {row['ppl']:.3f} | "
-                     f"{len(row['deviations'])} | {row['seconds']:.0f} |")
+        lines.append(f"| {row['bits']} | {row['rotate']} | {' '.join(row['overrides']) or '-'} | "
+                     f"{row.get('promote_fraction', 0.0):.0%} | {row['ppl']:.3f} | {len(row['deviations'])} | {row['seconds']:.0f} |")
     lines += ["", "ExecuTorch QnnQuantizer fake-quant from the skeleton issue (40 x 512 windows, where float is 49.621; "
               "compare ratios to float): " + ", ".join(f"{k} {v:,.3f}" for k, v in ET_SKELETON.items()), ""]
     if results.get("pte"):
@@ -156,13 +158,13 @@ def main() -> int:
         for rotate in ("none", "hadamard"):
             results["float"][rotate] = perplexity(float_graph(exported, rotate), windows, f"float ({rotate})").ppl
             release_freed_memory()
-        for bits, rotate, overrides in rows:
+        for bits, rotate, overrides, promote in rows:
             plan = BitPlan.parse(bits, overrides)
-            fq, deviations, warned, seconds = fake_quant(exported, plan, calibration, rotate)
+            fq, deviations, warned, seconds = fake_quant(exported, plan, calibration, rotate, promote)
             ppl = perplexity(fq, windows, f"fake-quant {plan.name} ({rotate})").ppl
-            results["rows"].append({"bits": bits, "rotate": rotate, "overrides": list(overrides), "ppl": ppl,
-                                    "deviations": deviations, "rule_warnings": len(warned), "seconds": round(seconds, 1)})
-            print(f"{plan.name} {rotate}: ppl {ppl:.3f}", flush=True)
+            results["rows"].append({"bits": bits, "rotate": rotate, "overrides": list(overrides), "promote_fraction": promote,
+                                    "ppl": ppl, "deviations": deviations, "rule_warnings": len(warned), "seconds": round(seconds, 1)})
+            print(f"{plan.name} {rotate} promote {promote}: ppl {ppl:.3f}", flush=True)
             write(results, out)
             del fq
             release_freed_memory()

@@ -61,6 +61,9 @@ def _lower_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bits", default=DEFAULT_BITS, help=f"quantnpu bit plan W-A-KV: 8-8-8, 4-8-8 (default {DEFAULT_BITS}) or 4-4-8 (4-bit activations are fake-quant only)")
     parser.add_argument("--override", action="append", default=[], metavar="PATTERN=BITS",
                         help="bit plan override, repeatable, e.g. '*.down_proj.input=16' (patterns match tensor labels and node names)")
+    parser.add_argument("--promote-fraction", type=float, default=0.1, metavar="P",
+                        help="mixed precision: the fraction of layers whose down_proj input, ranked by its 8-bit error on the "
+                        "calibration set, is promoted to 16 bits (default 0.1: 3 of 30; 0 turns it off); --override still wins")
     parser.add_argument("--encodings", help="write the encodings (AIMET-style JSON) to this file")
     parser.add_argument("--soc", default="SM8650", help="Qualcomm SoC to compile for (default SM8650, Snapdragon 8 Gen 3)")
     parser.add_argument("--rotate", default=None, help="R1/R2 rotations fused into the weights: hadamard (random Hadamard; the default, "
@@ -107,6 +110,8 @@ def _lower(args: argparse.Namespace) -> int:
                                 "4-bit activations can be evaluated as fake-quant (bench/static.py), not lowered")
     elif args.bits != DEFAULT_BITS or args.override:
         raise QuantNpuError("--bits/--override belong to --quant quantnpu")
+    if not 0.0 <= args.promote_fraction <= 1.0:
+        raise QuantNpuError(f"--promote-fraction must be between 0 and 1, got {args.promote_fraction}")
     if args.encodings and plan is None:
         raise QuantNpuError("--encodings needs --quant quantnpu")
     _check_positive("--calib-windows", args.calib_windows)
@@ -160,7 +165,8 @@ def _lower(args: argparse.Namespace) -> int:
     batches = list(calibration.reshape(-1, batch, seq_len))
     float_gm = copy.deepcopy(gm) if args.eval else None  # the input graph: the float reference
     passes = pipeline(plan if plan is not None else args.quant, batches, args.rotate, args.soc,
-                      strict=strict_hadamard, progress=not args.quiet)
+                      strict=strict_hadamard, progress=not args.quiet,
+                      promote_fraction=args.promote_fraction if plan is not None else 0.0)
     manager = PassManager(passes, stop_after=args.stop_after, progress=not args.quiet, verify=not args.no_verify)
     quantized = stages.run("passes", lambda: manager.run(gm))
     if not args.quiet:
@@ -218,18 +224,25 @@ def _quantnpu_record(args: argparse.Namespace, passes, quantized) -> dict:
     """The run record's fields for static encodings (and the encodings file, if asked for)."""
     from dataclasses import asdict
 
-    from quantnpu.passes import FuseRotations, PlanBitWidths
+    from quantnpu.passes import AssignBitWidths, FuseRotations, PlanBitWidths
     from quantnpu.passes.convert import ENCODINGS_META
     from quantnpu.pipeline import find_pass
     from quantnpu.quantizers.encodings import write_encodings
 
     deviations = find_pass(passes, PlanBitWidths).deviations
+    assign = find_pass(passes, AssignBitWidths)
+    if assign is not None and not args.quiet:
+        promoted = [s for s in assign.sensitivities if s.promoted]
+        print(f"mixed precision: {len(promoted)} of {len(assign.sensitivities)} down_proj inputs at 16 bits: "
+              + ", ".join(f"{s.role} (r = {s.r:.3f})" for s in promoted))
     if deviations and not args.quiet:
         print(f"HTP legalization raised {len(deviations)} bit width(s) of the plan, e.g. {deviations[0]}")
     rotations = find_pass(passes, FuseRotations)
     table = quantized.meta[ENCODINGS_META]
     extra = {"bits": args.bits, "htp_deviations": [asdict(d) for d in deviations],
              "encodings": {"activations": len(table.activations), "params": len(table.params), "requantized_inputs": len(table.edges)}}
+    if assign is not None:
+        extra["mixed_precision"] = {"fraction": args.promote_fraction, "down_proj_inputs": [asdict(s) for s in assign.sensitivities]}
     if rotations is not None and rotations.skipped_r1:
         extra["r1_skipped"] = rotations.skipped_r1
     if args.encodings:

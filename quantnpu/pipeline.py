@@ -19,6 +19,7 @@ from quantnpu.passes import (
     AnnotateRoles, BakeRotations, Canonicalize, FoldConstants, FoldNorms, FuseRotations, GraphPass, InsertStaticObservers,
     PlanBitWidths, PrepareForQnn, RemoveOnlineRotations, StaticCalibration, UntieEmbeddings,
 )
+from quantnpu.passes.assign_bit_widths import AssignBitWidths
 from quantnpu.passes.convert import ConvertToQdq, QuantizeWithQnnQuantizer
 from quantnpu.passes.integer_only import IntegerOnlyCheck
 from quantnpu.quantizers.bit_plan import BitPlan
@@ -54,10 +55,12 @@ def pipeline(
     seed: int = 0,
     strict: bool = False,
     progress: bool = False,
+    promote_fraction: float = 0.0,
 ) -> list[GraphPass]:
     """The whole chain in order. `plan`: a quantnpu `BitPlan` (or its `W-A-KV` text) for static
     encodings, ending in `ConvertToQdq` and `IntegerOnlyCheck`; `"et-<config>"` for ExecuTorch's
-    QnnQuantizer instead; None for the float passes alone."""
+    QnnQuantizer instead; None for the float passes alone. `promote_fraction` > 0 adds
+    `AssignBitWidths`: the most sensitive down_proj inputs (that fraction of the layers) at 16 bits."""
     passes = float_passes(rotate, seed, strict)
     if plan is None:
         return passes
@@ -67,6 +70,8 @@ def pipeline(
         plan = BitPlan.parse(plan)
     if not calibration:
         raise QuantNpuError("static encodings need calibration batches")
+    if promote_fraction > 0:
+        passes.append(AssignBitWidths(calibration, promote_fraction, progress=progress))
     return passes + fake_quant_passes(plan, calibration, soc, progress) + [ConvertToQdq(soc), IntegerOnlyCheck()]
 
 

@@ -108,6 +108,8 @@ def test_end_to_end_on_a_tiny_model(tmp_path, tiny_pt2):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["encodings.json", "tiny.json", "tiny.pte"]
     record = json.loads(output.with_suffix(".json").read_text())
     assert record["quant"] == "quantnpu" and record["bits"] == "4-8-8" and record["outside_delegates"] == []
+    sensitivities = record["mixed_precision"]["down_proj_inputs"]  # default 10%: the one layer's down_proj
+    assert record["mixed_precision"]["fraction"] == 0.1 and [s["promoted"] for s in sensitivities] == [True]
     table = read_encodings(encodings)
     activations, params = table.activations, table.params
     assert table.edges  # the re-quantizing edges travel with the file

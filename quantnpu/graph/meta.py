@@ -48,7 +48,9 @@ class TensorQuant:
     """How one tensor is quantized. `labels`: the bit plan's names for it (quantizers/bit_plan.py);
     `rotated`: its values are rotated (the initialization rule reads this); `weight`: a parameter,
     quantized per output channel. Edges into this node that re-quantize what they read:
-    `input_bits` (input node name, bits) and, after calibration, `input_encodings`."""
+    `input_bits` (input node name, bits) and, after calibration, `input_encodings`.
+    `sensitivity` / `promoted_input_bits` (down_proj, AssignBitWidths): its input's relative 8-bit
+    error and, for the most sensitive layers, the bits its input is promoted to."""
 
     labels: tuple[str, ...] = ()
     rotated: bool = False
@@ -57,6 +59,8 @@ class TensorQuant:
     encoding: Any = None
     input_bits: tuple[tuple[str, int], ...] = ()
     input_encodings: tuple[tuple[str, Any], ...] = ()
+    sensitivity: float | None = None
+    promoted_input_bits: int | None = None
 
     def input_encoding(self, name: str) -> Any:
         return dict(self.input_encodings).get(name)
@@ -71,6 +75,8 @@ class TensorQuant:
             fields.append(f"bits={self.bits}")
         if self.encoding is not None:
             fields.append(f"encoding={self.encoding.describe() if hasattr(self.encoding, 'describe') else self.encoding}")
+        if self.sensitivity is not None:
+            fields.append(f"sensitivity={self.sensitivity:.3f}" + (f"->{self.promoted_input_bits}" if self.promoted_input_bits else ""))
         if self.input_bits:
             fields.append("inputs=" + ",".join(f"%{n}:{b}" for n, b in self.input_bits))
         return " ".join(fields)

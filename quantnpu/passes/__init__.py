@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from quantnpu.passes.annotate_roles import AnnotateRoles
+from quantnpu.passes.assign_bit_widths import AssignBitWidths
 from quantnpu.passes.bake_rotations import BakeRotations
 from quantnpu.passes.canonicalize import Canonicalize
 from quantnpu.passes.base import GraphPass, PassManager, PassRecord, PassResult
@@ -17,7 +18,7 @@ from quantnpu.passes.static_calibration import StaticCalibration
 from quantnpu.passes.untie_embeddings import UntieEmbeddings
 
 __all__ = [
-    "AnnotateRoles", "BakeRotations", "BitDeviation", "Canonicalize", "FoldConstants", "FoldNorms", "FuseRotations", "GraphPass",
+    "AnnotateRoles", "AssignBitWidths", "BakeRotations", "BitDeviation", "Canonicalize", "FoldConstants", "FoldNorms", "FuseRotations", "GraphPass",
     "InsertOnlineRotations", "InsertStaticObservers", "PassManager", "PassRecord", "PassResult", "PlanBitWidths", "PrepareForQnn",
     "RemoveOnlineRotations", "StaticCalibration", "UntieEmbeddings",
 ]

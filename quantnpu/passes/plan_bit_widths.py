@@ -97,7 +97,11 @@ class PlanBitWidths(GraphPass):
             role = info.role if info is not None else node.name
             explicit: dict[torch.fx.Node, tuple[int, str]] = {}
             if node.target == LINEAR and info is not None and source_tensor(node.args[0]) in tensors:
-                explicit[source_tensor(node.args[0])] = self.plan.input_bits(info.role, bool(info.input_rotated))
+                record = tensor_quant(node)
+                promoted = None
+                if record is not None and record.promoted_input_bits:
+                    promoted = (record.promoted_input_bits, f"sensitivity r={record.sensitivity:.3f}, promoted")
+                explicit[source_tensor(node.args[0])] = self.plan.input_bits(info.role, bool(info.input_rotated), promoted)
             elif output is not None and any(label.endswith((".key", ".value")) for label in output.record.labels):
                 explicit = {arg: (self.plan.kv, "input of the op making K/V") for arg in inputs}
             edge_bits = {arg: explicit.get(arg, (bits[id(tensors[arg].module)], ""))[0] for arg in inputs}

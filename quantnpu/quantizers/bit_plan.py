@@ -96,9 +96,12 @@ class BitPlan:
             bits, why = 16, "default 16"
         return self._override(bits, why, (*labels, *names))
 
-    def input_bits(self, linear_role: str, rotated: bool) -> tuple[int, str]:
-        """(bits, why) for the edge into a linear (its input activation)."""
-        if linear_role == "lm_head":
+    def input_bits(self, linear_role: str, rotated: bool, promoted: tuple[int, str] | None = None) -> tuple[int, str]:
+        """(bits, why) for the edge into a linear (its input activation). `promoted`: (bits, why)
+        from sensitivity-based mixed precision, which replaces the rule; overrides still win."""
+        if promoted is not None:
+            bits, why = promoted
+        elif linear_role == "lm_head":
             bits, why = 16, "lm_head input"
         elif linear_role.endswith("down_proj"):
             bits, why = 8, "down_proj input"
