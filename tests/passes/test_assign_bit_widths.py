@@ -14,7 +14,7 @@ from quantnpu.passes.assign_bit_widths import promoted_count
 from quantnpu.passes.weights import replace_weight, weight_tensor
 from quantnpu.pipeline import float_passes
 from quantnpu.quantizers.bit_plan import BitPlan
-from tests.graph_testing import tiny_graph
+from tests.graph_testing import assert_pass_diff, tiny_graph
 
 
 def _float_graph_with_an_outlier(layer: int = 1, layers: int = 3) -> torch.fx.GraphModule:
@@ -30,6 +30,19 @@ def _float_graph_with_an_outlier(layer: int = 1, layers: int = 3) -> torch.fx.Gr
 
 def _calibration(gm, count: int = 3):
     return [sample_token_ids(gm, seed) for seed in range(count)]
+
+
+def test_assign_bit_widths_graph_diff():
+    """Nothing but records: each down_proj's sensitivity r, and `->16` on the promoted one."""
+    gm = _float_graph_with_an_outlier(layer=1)
+    assert_pass_diff(gm, [AssignBitWidths(_calibration(gm), fraction=0.3)], """
+        -%linear_6: f32[1,16,64] = aten.linear(%mul_11, %model_model_layers_0_mlp_down_proj_weight)  # role=layers.0.down_proj input_rotated=False
+        +%linear_6: f32[1,16,64] = aten.linear(%mul_11, %model_model_layers_0_mlp_down_proj_weight)  # role=layers.0.down_proj input_rotated=False sensitivity=0.027
+        -%linear_13: f32[1,16,64] = aten.linear(%mul_20, %model_model_layers_1_mlp_down_proj_weight)  # role=layers.1.down_proj input_rotated=False
+        +%linear_13: f32[1,16,64] = aten.linear(%mul_20, %model_model_layers_1_mlp_down_proj_weight)  # role=layers.1.down_proj input_rotated=False sensitivity=0.065->16
+        -%linear_20: f32[1,16,64] = aten.linear(%mul_29, %model_model_layers_2_mlp_down_proj_weight)  # role=layers.2.down_proj input_rotated=False
+        +%linear_20: f32[1,16,64] = aten.linear(%mul_29, %model_model_layers_2_mlp_down_proj_weight)  # role=layers.2.down_proj input_rotated=False sensitivity=0.020
+    """)
 
 
 def test_the_planted_outlier_layer_ranks_first_and_is_promoted():
