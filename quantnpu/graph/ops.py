@@ -100,17 +100,6 @@ def is_weight(node: object) -> bool:
     return isinstance(node, torch.fx.Node) and node.op == "get_attr"
 
 
-def scalar_constant(gm: torch.fx.GraphModule, value: object) -> float | None:
-    """The number `value` stands for when it is a Python scalar or a one-element constant tensor."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if is_weight(value):
-        tensor = fetch_attr(gm, value.target)
-        if isinstance(tensor, torch.Tensor) and tensor.numel() == 1:
-            return float(tensor)
-    return None
-
-
 def insert_call(graph: torch.fx.Graph, before: torch.fx.Node, target, *args, **kwargs) -> torch.fx.Node:
     """A new call_function node before `before`, with its `val` metadata computed the way export
     records it: under the graph's fake-tensor mode when its inputs carry fake tensors (so later
