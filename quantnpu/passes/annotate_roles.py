@@ -42,8 +42,9 @@ from quantnpu.graph.meta import (
 
 aten = torch.ops.aten
 OPTIONAL_LAYER_NORMS = ("q_norm", "k_norm", "attention_output_norm", "mlp_output_norm")
-# Ops allowed between an eager attention's score matmul and its softmax (scale, soft-cap, mask).
+# Ops that cut one projection's output into several (a fused gate/up or q/k/v projection).
 _SPLITS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.slice.Tensor, aten.unbind.int}
+# Ops allowed between an eager attention's score matmul and its softmax (scale, soft-cap, mask).
 _SCORE_OPS = {aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor, aten.tanh.default} | CASTS
 
 
