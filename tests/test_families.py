@@ -15,6 +15,7 @@ from quantnpu.passes import FuseRotations, PassManager
 from quantnpu.graph.meta import nodes_by_role, node_info
 from quantnpu.graph.equivalence import as_float64, sample_token_ids
 from quantnpu.pipeline import find_pass, float_passes, pipeline
+from tests.graph_testing import relative_max
 
 SEQ = 8
 # Sandwich norms (a per-channel weight on o_proj's/down_proj's output) do not commute with R1.
@@ -23,10 +24,6 @@ R2_ONLY = {"gemma2", "gemma3"}
 
 def _export(family: str, use_cache, layers: int = 2, **config) -> torch.fx.GraphModule:
     return export_causal_lm(tiny_model(family, layers=layers, **config), SEQ, use_cache=use_cache).module()
-
-
-def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def _relative_l2(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -44,8 +41,8 @@ def test_float_pipeline_keeps_the_function(family, use_cache):
         passes = float_passes("hadamard")
         rotated64 = PassManager(passes).run(copy.deepcopy(exact))
         rotated32 = PassManager(float_passes("hadamard")).run(copy.deepcopy(gm))
-    assert _relative(rotated64(ids), exact(ids)) < 1e-6
-    assert _relative(rotated32(ids), gm(ids)) < 1e-4
+    assert relative_max(rotated64(ids), exact(ids)) < 1e-6
+    assert relative_max(rotated32(ids), gm(ids)) < 1e-4
     by_role = nodes_by_role(rotated32)
     skipped = find_pass(passes, FuseRotations).skipped_r1
     if family in R2_ONLY:
@@ -69,7 +66,7 @@ def test_gemma_with_uniform_sandwich_norms_gets_r1():
     rotated = PassManager(passes).run(copy.deepcopy(gm))
     assert find_pass(passes, FuseRotations).skipped_r1 is None
     ids = sample_token_ids(gm)
-    assert _relative(rotated(ids), gm(ids)) < 1e-4
+    assert relative_max(rotated(ids), gm(ids)) < 1e-4
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -160,7 +157,7 @@ def test_hand_written_decoder_with_torch_rms_norm_is_recognised_and_exact():
     assert any(n.target == torch.ops.aten.rms_norm.default for n in gm.graph.nodes)
     rotated = PassManager(float_passes("hadamard")).run(copy.deepcopy(gm))
     ids = sample_token_ids(gm)
-    assert _relative(rotated(ids), gm(ids)) < 1e-4
+    assert relative_max(rotated(ids), gm(ids)) < 1e-4
     assert node_info(nodes_by_role(rotated)["lm_head"]).input_rotated
 
 

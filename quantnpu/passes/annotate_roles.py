@@ -222,10 +222,9 @@ def find_roles(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, NodeInfo]:
             hint = " (parallel attention and MLP blocks reading one norm are not supported)" if len(readers) > 3 else ""
             raise GraphStructureError(f"RMSNorm output feeds {len(readers)} linears; expected 3 (q/k/v), 2 (gate/up) "
                                       f"or 1 (lm_head){hint}", norm.output.name)
-    by_node = {node: info for node, info in roles.items()}
     for norm in deferred:
         source = skip_passthrough_backward(norm.input)
-        info = by_node.get(source)
+        info = roles.get(source)
         kind = {"q_proj": "q_norm", "k_proj": "k_norm", "o_proj": "attention_output_norm",
                 "down_proj": "mlp_output_norm"}.get(info.kind if info else None)
         if kind is None:
