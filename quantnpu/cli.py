@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from quantnpu.errors import QuantNpuError
+from quantnpu.errors import Interrupted, QuantNpuError
 
 EXPORT_MODELS = ("smollm2", "tiny-llama", "tiny-qwen2")
 DEFAULT_BITS = "4-8-8"
@@ -39,6 +39,9 @@ class _Stages:
 def _guarded(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     try:
         return run(args)
+    except Interrupted as error:
+        print(f"\n{error}", file=sys.stderr)
+        return 130
     except QuantNpuError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -48,7 +51,10 @@ def _guarded(run: Callable[[argparse.Namespace], int], args: argparse.Namespace)
 
 
 def _lower_parser() -> argparse.ArgumentParser:
+    from quantnpu.passes.learn_encodings import INITS, LOSSES, OPTIMIZE, SIMULATIONS, StageOneConfig
     from quantnpu.quantizers.et_qnn import ET_CONFIGS
+
+    _STAGE_ONE = StageOneConfig()
 
     parser = argparse.ArgumentParser(
         prog="quantnpu-lower",
@@ -64,6 +70,28 @@ def _lower_parser() -> argparse.ArgumentParser:
     parser.add_argument("--promote-fraction", type=float, default=0.1, metavar="P",
                         help="mixed precision: the fraction of layers whose down_proj input, ranked by its 8-bit error on the "
                         "calibration set, is promoted to 16 bits (default 0.1: 3 of 30; 0 turns it off); --override still wins")
+    stage = parser.add_argument_group(
+        "stage one", "learn the linears' scales with R1/R2 before static calibration (quantnpu only; METHOD.md 'Stage one'). "
+        "The exported program fixes batch and sequence length: a step runs --step-windows windows one after another "
+        "(batch x accumulation); under torchrun they are split across ranks")
+    stage.add_argument("--optimize", choices=OPTIMIZE, default=None,
+                       help="selective (the default with --quant quantnpu: rotated linear inputs and all layer weights), "
+                            "joint (every linear input and weight, lm_head too), rotations (R1/R2 only), none (static only)")
+    stage.add_argument("--steps", type=int, default=_STAGE_ONE.steps, help=f"optimizer steps (default {_STAGE_ONE.steps}: ~2 min at 128 tokens on 2 cores)")
+    stage.add_argument("--step-windows", type=int, default=_STAGE_ONE.batch, metavar="N", help=f"calibration windows per step (default {_STAGE_ONE.batch})")
+    stage.add_argument("--local-steps", type=int, default=None, metavar="T", help="steps with the local quantization-error loss (default: a quarter of --steps)")
+    stage.add_argument("--local-weight", type=float, default=_STAGE_ONE.local_weight, metavar="LAMBDA", help=f"weight of the local loss (default {_STAGE_ONE.local_weight})")
+    stage.add_argument("--lr-rotation", type=float, default=_STAGE_ONE.lr_rotation, help=f"Cayley SGD lr of R1/R2 (default {_STAGE_ONE.lr_rotation})")
+    stage.add_argument("--lr-scale", type=float, default=_STAGE_ONE.lr_scale,
+                       help=f"SGD lr of the scales, relative to each scale's size (default {_STAGE_ONE.lr_scale})")
+    stage.add_argument("--momentum", type=float, default=_STAGE_ONE.momentum, help=f"momentum of both optimizers (default {_STAGE_ONE.momentum})")
+    stage.add_argument("--loss", choices=LOSSES, default=_STAGE_ONE.loss, help="ce: next-token cross-entropy (default); kl: KL to the float model's logits")
+    stage.add_argument("--init", choices=INITS, default=_STAGE_ONE.init, help="initial scales: rule (rotation-and-bit-width-aware; default) or maxmin")
+    stage.add_argument("--simulate", choices=SIMULATIONS, default=_STAGE_ONE.simulate,
+                       help="static (default) or dynamic (per-token activations while learning, SpinQuant's way; their static encodings come from stage two)")
+    stage.add_argument("--checkpoint", metavar="FILE", help="stage-one checkpoint (default: beside the output, removed after a finished run)")
+    stage.add_argument("--checkpoint-every", type=int, default=_STAGE_ONE.checkpoint_every, metavar="N", help=f"steps between checkpoints (default {_STAGE_ONE.checkpoint_every})")
+    stage.add_argument("--resume", action="store_true", help="continue stage one from the checkpoint (same command otherwise)")
     parser.add_argument("--encodings", help="write the encodings (AIMET-style JSON) to this file")
     parser.add_argument("--soc", default="SM8650", help="Qualcomm SoC to compile for (default SM8650, Snapdragon 8 Gen 3)")
     parser.add_argument("--rotate", default=None, help="R1/R2 rotations fused into the weights: hadamard (random Hadamard; the default, "
@@ -83,6 +111,42 @@ def _lower_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true")
     parser.add_argument("-v", "--verbose", action="store_true", help="show ExecuTorch's and QNN's own log lines")
     return parser
+
+
+def _stage_one_config(args: argparse.Namespace, plan, output: Path):
+    """The StageOneConfig the flags ask for, or None (no stage one)."""
+    from quantnpu.passes.learn_encodings import StageOneConfig
+
+    if plan is None:
+        if args.optimize not in (None, "none") or args.resume:
+            raise QuantNpuError(f"--optimize/--resume belong to --quant quantnpu, not {args.quant}")
+        return None
+    optimize = args.optimize or "selective"
+    if optimize == "none":
+        if args.resume:
+            raise QuantNpuError("--resume needs stage one (--optimize other than none)")
+        return None
+    checkpoint = args.checkpoint or str(output.with_suffix(".stage1.ckpt"))
+    if args.resume and not Path(checkpoint).is_file():
+        raise QuantNpuError(f"--resume: no stage-one checkpoint at {checkpoint}")
+    return StageOneConfig(
+        optimize=optimize, steps=args.steps, batch=args.step_windows, local_steps=args.local_steps,
+        local_weight=args.local_weight, lr_rotation=args.lr_rotation, lr_scale=args.lr_scale, momentum=args.momentum,
+        loss=args.loss, init=args.init, simulate=args.simulate, checkpoint=checkpoint,
+        checkpoint_every=args.checkpoint_every, resume=args.resume)
+
+
+def _join_ranks(stage_one) -> int:
+    """Under torchrun: join the process group (stage one splits its steps over the ranks); the rank."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0
+    if stage_one is None:
+        raise QuantNpuError("torchrun runs stage one on several processes: give --optimize (not none) with --quant quantnpu")
+    from quantnpu.distributed import init_from_env
+
+    return init_from_env()[0]
 
 
 def _check_positive(name: str, value: int) -> None:
@@ -132,6 +196,8 @@ def _lower(args: argparse.Namespace) -> int:
     output = Path(args.output) if args.output else model_path.with_name(f"{model_path.stem}.{label}.pte")
     if output.suffix != ".pte":
         raise QuantNpuError(f"{output}: the output must end in .pte")
+    stage_one = _stage_one_config(args, plan, output)
+    rank = _join_ranks(stage_one)
     from quantnpu.models.export import load_pt2, token_input_spec
 
     stages = _Stages(args.quiet)
@@ -166,15 +232,21 @@ def _lower(args: argparse.Namespace) -> int:
     float_gm = copy.deepcopy(gm) if args.eval else None  # the input graph: the float reference
     passes = pipeline(plan if plan is not None else args.quant, batches, args.rotate, args.soc,
                       strict=strict_hadamard, progress=not args.quiet,
-                      promote_fraction=args.promote_fraction if plan is not None else 0.0)
-    manager = PassManager(passes, stop_after=args.stop_after, progress=not args.quiet, verify=not args.no_verify)
+                      promote_fraction=args.promote_fraction if plan is not None else 0.0, stage_one=stage_one)
+    # under torchrun the other ranks only help with stage one; rank 0 does everything else
+    manager = PassManager(passes, stop_after="LearnEncodings" if rank else args.stop_after,
+                          progress=not args.quiet and rank == 0, verify=not args.no_verify)
     quantized = stages.run("passes", lambda: manager.run(gm))
+    if rank:
+        return 0
     if not args.quiet:
         print(manager.report())
     if args.stop_after:
         print(graph_text(quantized))
         return 0
     extra = _quantnpu_record(args, passes, quantized) if plan is not None else {}
+    if stage_one is not None and args.checkpoint is None:
+        Path(stage_one.checkpoint).unlink(missing_ok=True)  # finished: the default checkpoint has served
     from quantnpu.lowering.lower import lower_to_qnn
 
     lowered = stages.run("lower", lambda: lower_to_qnn(quantized, (batches[0],), output, args.soc, args.allow_cpu_ops))
@@ -224,7 +296,8 @@ def _quantnpu_record(args: argparse.Namespace, passes, quantized) -> dict:
     """The run record's fields for static encodings (and the encodings file, if asked for)."""
     from dataclasses import asdict
 
-    from quantnpu.passes import AssignBitWidths, FuseRotations, PlanBitWidths
+    from quantnpu.passes import AssignBitWidths, FuseRotations, PlanBitWidths, StaticCalibration
+    from quantnpu.passes.learn_encodings import LearnEncodings
     from quantnpu.passes.convert import ENCODINGS_META
     from quantnpu.pipeline import find_pass
     from quantnpu.quantizers.encodings import write_encodings
@@ -238,11 +311,19 @@ def _quantnpu_record(args: argparse.Namespace, passes, quantized) -> dict:
     if deviations and not args.quiet:
         print(f"HTP legalization raised {len(deviations)} bit width(s) of the plan, e.g. {deviations[0]}")
     rotations = find_pass(passes, FuseRotations)
+    learned = find_pass(passes, LearnEncodings)
+    if learned is not None and not args.quiet:
+        print(learned.report())
     table = quantized.meta[ENCODINGS_META]
     extra = {"bits": args.bits, "htp_deviations": [asdict(d) for d in deviations],
              "encodings": {"activations": len(table.activations), "params": len(table.params), "requantized_inputs": len(table.edges)}}
     if assign is not None:
         extra["mixed_precision"] = {"fraction": args.promote_fraction, "down_proj_inputs": [asdict(s) for s in assign.sensitivities]}
+    if learned is not None and learned.history:
+        extra["stage_one"] = {**asdict(learned.config), "orthogonality": learned.orthogonality,
+                              "learned_encodings_kept": find_pass(passes, StaticCalibration).learned_used,
+                              "seconds_per_step": sum(r.seconds for r in learned.history) / len(learned.history),
+                              "loss": [round(r.task_loss, 5) for r in learned.history]}
     if rotations is not None and rotations.skipped_r1:
         extra["r1_skipped"] = rotations.skipped_r1
     if args.encodings:

@@ -36,3 +36,7 @@ class DelegationError(QuantNpuError):
 
 class FunctionChangedError(QuantNpuError):
     """A rewrite that should keep the function changed it (the verifier's finding)."""
+
+
+class Interrupted(QuantNpuError):
+    """A long job stopped on the user's Ctrl-C after saving what it had; the message says how to go on."""

@@ -22,6 +22,7 @@ from quantnpu.passes import (
 from quantnpu.passes.assign_bit_widths import AssignBitWidths
 from quantnpu.passes.convert import ConvertToQdq, QuantizeWithQnnQuantizer
 from quantnpu.passes.integer_only import IntegerOnlyCheck
+from quantnpu.passes.learn_encodings import LearnEncodings, StageOneConfig
 from quantnpu.quantizers.bit_plan import BitPlan
 
 ROTATIONS = ("none", "hadamard", "random")
@@ -56,11 +57,14 @@ def pipeline(
     strict: bool = False,
     progress: bool = False,
     promote_fraction: float = 0.0,
+    stage_one: StageOneConfig | None = None,
 ) -> list[GraphPass]:
     """The whole chain in order. `plan`: a quantnpu `BitPlan` (or its `W-A-KV` text) for static
     encodings, ending in `ConvertToQdq` and `IntegerOnlyCheck`; `"et-<config>"` for ExecuTorch's
     QnnQuantizer instead; None for the float passes alone. `promote_fraction` > 0 adds
-    `AssignBitWidths`: the most sensitive down_proj inputs (that fraction of the layers) at 16 bits."""
+    `AssignBitWidths`: the most sensitive down_proj inputs (that fraction of the layers) at 16 bits.
+    `stage_one` adds `LearnEncodings` (scales learned with R1/R2) before the rotations are baked;
+    stage two (`StaticCalibration`) then keeps its encodings and calibrates the rest."""
     passes = float_passes(rotate, seed, strict)
     if plan is None:
         return passes
@@ -70,8 +74,14 @@ def pipeline(
         plan = BitPlan.parse(plan)
     if not calibration:
         raise QuantNpuError("static encodings need calibration batches")
+    # Sensitivity and stage one see the graph with R1/R2 still parameters (before BakeRotations).
+    learned: list[GraphPass] = []
     if promote_fraction > 0:
-        passes.append(AssignBitWidths(calibration, promote_fraction, progress=progress))
+        learned.append(AssignBitWidths(calibration, promote_fraction, progress=progress))
+    if stage_one is not None and stage_one.optimize != "none":
+        learned.append(LearnEncodings(plan, calibration, stage_one, progress))
+    bake = next((i for i, p in enumerate(passes) if isinstance(p, BakeRotations)), len(passes))
+    passes[bake:bake] = learned
     return passes + fake_quant_passes(plan, calibration, soc, progress) + [ConvertToQdq(soc), IntegerOnlyCheck()]
 
 

@@ -98,7 +98,7 @@ def test_end_to_end_on_a_tiny_model(tmp_path, tiny_pt2):
     output = tmp_path / "tiny.pte"
     encodings = tmp_path / "encodings.json"
     result = _lower(tiny_pt2, "-o", output, "--calib-windows", "2", "--eval", "--eval-windows", "1", "-q",
-                    "--encodings", encodings)
+                    "--encodings", encodings, "--steps", "3")
     assert result.returncode == 0, result.stdout + result.stderr
     assert output.is_file() and output.with_suffix(".json").is_file()
     assert f".pte: {output}" in result.stdout
@@ -110,6 +110,9 @@ def test_end_to_end_on_a_tiny_model(tmp_path, tiny_pt2):
     assert record["quant"] == "quantnpu" and record["bits"] == "4-8-8" and record["outside_delegates"] == []
     sensitivities = record["mixed_precision"]["down_proj_inputs"]  # default 10%: the one layer's down_proj
     assert record["mixed_precision"]["fraction"] == 0.1 and [s["promoted"] for s in sensitivities] == [True]
+    stage_one = record["stage_one"]  # on by default: selective
+    assert stage_one["optimize"] == "selective" and len(stage_one["loss"]) == 3 and stage_one["orthogonality"] < 1e-5
+    assert stage_one["learned_encodings_kept"] > 0
     table = read_encodings(encodings)
     activations, params = table.activations, table.params
     assert table.edges  # the re-quantizing edges travel with the file
@@ -188,3 +191,33 @@ def test_hf_folder_errors(tmp_path):
     (tmp_path / "noweights").mkdir()
     (tmp_path / "noweights" / "config.json").write_text('{"model_type": "llama"}')
     _assert_one_line_error(export(tmp_path / "noweights"), r"noweights: no weights")
+
+
+def test_stage_one_flag_errors(tiny_pt2, tmp_path):
+    _assert_one_line_error(_lower(tiny_pt2, "--quant", "et-16a8w", "--optimize", "selective"), r"belong to --quant quantnpu")
+    _assert_one_line_error(_lower(tiny_pt2, "--resume", "--checkpoint", tmp_path / "none.ckpt"), r"no stage-one checkpoint at .*none.ckpt")
+    _assert_one_line_error(_lower(tiny_pt2, "--steps", "0"), r"stage one: steps must be at least 1")
+
+
+def test_ctrl_c_in_stage_one_checkpoints_and_resume_finishes(tmp_path, tiny_pt2):
+    import os
+    import signal
+    import time
+
+    output, checkpoint = tmp_path / "tiny.pte", tmp_path / "stage1.ckpt"
+    args = [sys.executable, str(ROOT / "tools" / "lower.py"), str(tiny_pt2), "-o", str(output), "--calib-windows", "2",
+            "--steps", "400", "--checkpoint", str(checkpoint), "--checkpoint-every", "1", "-q"]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert process.poll() is None, process.communicate()
+    os.kill(process.pid, signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130, stdout + stderr
+    assert "stage one interrupted after step" in stderr and "--resume" in stderr and "Traceback" not in stderr
+    assert checkpoint.is_file() and not output.exists()
+    resumed = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    record = json.loads(output.with_suffix(".json").read_text())
+    assert record["stage_one"]["resume"] and len(record["stage_one"]["loss"]) == 400

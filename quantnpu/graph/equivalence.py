@@ -59,7 +59,7 @@ def as_float64(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return gm
 
 
-def _logits(output: object) -> torch.Tensor:
+def logits_of(output: object) -> torch.Tensor:
     while isinstance(output, (tuple, list)):
         output = output[0]
     if not isinstance(output, torch.Tensor):
@@ -80,12 +80,12 @@ class FunctionCheck:
         with torch.no_grad():
             if self.float64:
                 try:
-                    return _logits(as_float64(gm)(self.ids)).double()
+                    return logits_of(as_float64(gm)(self.ids)).double()
                 except (RuntimeError, TypeError):
                     self.float64 = False  # an op without float64 support: compare in the graph's dtype
                     if hasattr(self, "reference"):
                         raise
-            return _logits(gm(self.ids)).double()
+            return logits_of(gm(self.ids)).double()
 
     def difference(self, gm: torch.fx.GraphModule) -> float:
         logits = self._run(gm)

@@ -50,7 +50,9 @@ class TensorQuant:
     quantized per output channel. Edges into this node that re-quantize what they read:
     `input_bits` (input node name, bits) and, after calibration, `input_encodings`.
     `sensitivity` / `promoted_input_bits` (down_proj, AssignBitWidths): its input's relative 8-bit
-    error and, for the most sensitive layers, the bits its input is promoted to."""
+    error and, for the most sensitive layers, the bits its input is promoted to.
+    `learned_input` / `learned_weight` (linears, LearnEncodings): stage one's encodings of the
+    input this linear reads and of its weight; stage two keeps them frozen."""
 
     labels: tuple[str, ...] = ()
     rotated: bool = False
@@ -61,6 +63,8 @@ class TensorQuant:
     input_encodings: tuple[tuple[str, Any], ...] = ()
     sensitivity: float | None = None
     promoted_input_bits: int | None = None
+    learned_input: Any = None
+    learned_weight: Any = None
 
     def input_encoding(self, name: str) -> Any:
         return dict(self.input_encodings).get(name)
@@ -77,6 +81,9 @@ class TensorQuant:
             fields.append(f"encoding={self.encoding.describe() if hasattr(self.encoding, 'describe') else self.encoding}")
         if self.sensitivity is not None:
             fields.append(f"sensitivity={self.sensitivity:.3f}" + (f"->{self.promoted_input_bits}" if self.promoted_input_bits else ""))
+        for what, learned in (("input", self.learned_input), ("weight", self.learned_weight)):
+            if learned is not None:
+                fields.append(f"learned_{what}={learned.describe() if hasattr(learned, 'describe') else learned}")
         if self.input_bits:
             fields.append("inputs=" + ",".join(f"%{n}:{b}" for n, b in self.input_bits))
         return " ".join(fields)

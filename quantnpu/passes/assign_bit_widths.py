@@ -27,7 +27,7 @@ from quantnpu.graph.meta import node_info, update_tensor_quant
 from quantnpu.memory import release_freed_memory
 from quantnpu.passes.annotate_roles import AnnotateRoles
 from quantnpu.passes.base import GraphPass, PassResult, require
-from quantnpu.passes.bake_rotations import BakeRotations
+from quantnpu.passes.fuse_rotations import FuseRotations
 from quantnpu.quantizers.encodings import Encoding
 from quantnpu.quantizers.init_rules import max_min_scale
 from quantnpu.quantizers.observers import RunningStats, float32_exact
@@ -62,7 +62,7 @@ def promoted_count(fraction: float, layers: int) -> int:
 class AssignBitWidths(GraphPass):
     """See the module docstring."""
 
-    run_after = (AnnotateRoles, BakeRotations)
+    run_after = (AnnotateRoles, FuseRotations)
 
     def __init__(self, calibration: Sequence[torch.Tensor], fraction: float = 0.1, bits: int = 16,
                  progress: bool = False) -> None:

@@ -18,7 +18,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from torch.fx.passes.infra.pass_manager import this_before_that_pass_constraint
 from tqdm import tqdm
 
-from quantnpu.errors import FunctionChangedError, GraphStructureError, PassFailedError, QuantNpuError
+from quantnpu.errors import FunctionChangedError, GraphStructureError, Interrupted, PassFailedError, QuantNpuError
 from quantnpu.graph.equivalence import FunctionCheck
 
 __all__ = ["GraphPass", "PassManager", "PassRecord", "PassResult"]
@@ -151,7 +151,7 @@ class PassManager:
                     difference = check.difference(gm)
                     if not difference <= check.tolerance:
                         raise FunctionChangedError(f"it changed the function: {check.describe(difference)}")
-            except PassFailedError:
+            except (PassFailedError, Interrupted):
                 raise
             except (QuantNpuError, AssertionError, RuntimeError, ValueError, KeyError, TypeError) as error:
                 raise PassFailedError(graph_pass.name, error) from error

@@ -99,11 +99,21 @@ def _reads_softmax(node: torch.fx.Node, limit: int = 16) -> bool:
     return False
 
 
+def residual_stream_rotated(gm: torch.fx.GraphModule) -> bool:
+    """R1 applied: a reader of the residual stream has a rotated input (R2 alone rotates only o_proj's)."""
+    return any((i := node_info(n)) is not None and i.input_rotated and i.kind != "o_proj"
+               for n in gm.graph.nodes if n.target == LINEAR)
+
+
+def weight_is_rotated(info, stream_rotated: bool) -> bool:
+    """A linear weight counts as rotated when either of its sides is (METHOD.md): its input side,
+    or its output side when it writes an R1-rotated residual stream."""
+    return bool(info.input_rotated) or (stream_rotated and info.kind in _R1_WRITERS)
+
+
 def label_tensors(gm: torch.fx.GraphModule, groups: dict[int, ObservedTensor]) -> None:
     """Labels, rotated flags and weight flags for each observed tensor, from the ops that read it."""
-    # R1 applied: a reader of the residual stream has a rotated input (R2 alone rotates only o_proj's)
-    model_rotated = any((i := node_info(n)) is not None and i.input_rotated and i.kind != "o_proj"
-                        for n in gm.graph.nodes if n.target == LINEAR)
+    model_rotated = residual_stream_rotated(gm)
     for node in gm.graph.nodes:
         info = node_info(node)
         if node.target == LINEAR and info is not None:
@@ -112,7 +122,7 @@ def label_tensors(gm: torch.fx.GraphModule, groups: dict[int, ObservedTensor]) -
             if (group := _observer_group(gm, groups, node.args[1])) is not None:
                 group.labels.add(f"{info.role}.weight")
                 group.weight = True
-                group.rotated |= bool(info.input_rotated) or (model_rotated and info.kind in _R1_WRITERS)
+                group.rotated |= weight_is_rotated(info, model_rotated)
             for user in node.users:
                 if (group := _observer_group(gm, groups, user)) is not None:
                     group.labels.add(f"{info.role}.output")

@@ -68,6 +68,20 @@ def _computes_output(node: torch.fx.Node) -> bool:
     return annotation is not None and annotation.output_qspec is not None and not isinstance(annotation.output_qspec, SharedQuantizationSpec)
 
 
+def linear_bits(plan: BitPlan, role: str, rotated: bool, promoted: tuple[int, str] | None = None,
+                legalize: bool = True) -> tuple[int, int]:
+    """(input edge bits, weight bits) that PlanBitWidths gives a linear with this role, known before
+    any observer exists (stage one quantizes at them): the plan's edge bits, on HTP raised to the
+    width of the linear's output unless an activation is below 8 bits. StaticCalibration checks
+    that the final plan agrees."""
+    input_bits, _ = plan.input_bits(role, rotated, promoted)
+    output_bits, _ = plan.tensor_bits([f"{role}.output"])
+    weight_bits, _ = plan.tensor_bits([f"{role}.weight"])
+    if legalize and min(input_bits, output_bits) >= 8:
+        input_bits = max(input_bits, output_bits)
+    return input_bits, weight_bits
+
+
 class PlanBitWidths(GraphPass):
     """See the module docstring. `deviations` lists what HTP legalization changed in the plan."""
 

@@ -8,10 +8,16 @@ tensor it quantizes, and each re-quantizing edge's on its reader (what `QuantNpu
 reads). The result is the float graph under the quantizer's fixed observers (PT2E
 `prepare_pt2e`): each observer quantize-dequantizes with its encoding, on tensors and on
 re-quantizing edges, exactly where `convert_pt2e` will put quantize/dequantize ops.
+
+After stage one (`LearnEncodings`), a linear's learned input and weight encodings are kept as they
+are (frozen): on the re-quantizing edge into the linear, or on the tensor itself where the linear
+reads it at the tensor's own bits. A learned encoding whose bits the final plan does not give
+that tensor is not used (the rule is), with a warning naming it.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -66,6 +72,8 @@ class StaticCalibration(GraphPass):
         self.batches = list(batches)
         self.progress = progress
         self.soc = soc
+        self.learned_used = 0                  # stage-one encodings kept
+        self.learned_ignored: list[str] = []   # stage-one encodings the final plan gave other bits
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
@@ -78,10 +86,12 @@ class StaticCalibration(GraphPass):
             for batch in tqdm(self.batches, desc="calibrate", unit="window", disable=not self.progress):
                 gm(batch)
                 release_freed_memory()  # else glibc keeps each window's activations (GiBs)
+        self.learned_used, self.learned_ignored = 0, []
         for group in groups.values():
             record = group.record
             where = f"%{group.tensor.name} ({', '.join(record.labels) or 'activation'})"
-            group.module.encoding = encoding_from_stats(group.module, record.bits, record.rotated, where)
+            learned = self._learned(_tensor_learned(group), record.bits, where)
+            group.module.encoding = learned or encoding_from_stats(group.module, record.bits, record.rotated, where)
             for node in group.nodes:
                 update_tensor_quant(node, encoding=group.module.encoding)
                 update_tensor_quant(node.args[0], encoding=group.module.encoding, bits=record.bits, labels=record.labels)
@@ -97,6 +107,12 @@ class StaticCalibration(GraphPass):
             for name, bits in record.input_bits:
                 group = tensors[source_tensor(by_name[name])]
                 key = (id(group), bits)
+                learned = None
+                if node.target == LINEAR and record.learned_input is not None:
+                    learned = self._learned({record.learned_input}, bits, f"%{node.name} input %{name}")
+                if learned is not None:
+                    encodings.append((name, learned))
+                    continue
                 if key not in edge_cache:
                     if bits < group.record.bits:
                         info = node_info(node)
@@ -109,9 +125,41 @@ class StaticCalibration(GraphPass):
         fake_quant = prepare_pt2e(strip_observers(gm), QuantNpuQuantizer(self.soc))
         return PassResult(fake_quant, True)
 
+    def _learned(self, learned: set[Encoding], bits: int, where: str) -> Encoding | None:
+        """The one stage-one encoding for a tensor or edge at `bits`, or None (rule)."""
+        if not learned:
+            return None
+        if len(learned) > 1:
+            raise GraphStructureError(f"{where}: stage one learned {len(learned)} different encodings for one tensor")
+        encoding = next(iter(learned))
+        if encoding.bits != bits:
+            self.learned_ignored.append(where)
+            warnings.warn(f"{where}: stage one learned a {encoding.bits}-bit encoding, the plan gives {bits} bits; "
+                          "the initialization rule is used", stacklevel=3)
+            return None
+        self.learned_used += 1
+        return encoding
+
     def ensures(self, gm: torch.fx.GraphModule) -> None:
         for group in observed_tensors(gm).values():
             require(group.module.encoding is not None, "observer left without an encoding", group.nodes[0])
+
+
+def _tensor_learned(group) -> set[Encoding]:
+    """Stage-one encodings of the linears that read this observed tensor at its own bits: a
+    weight's, or an input's where the linear does not re-quantize it."""
+    learned = set()
+    for observer in group.nodes:
+        for reader in observer.users:
+            record = tensor_quant(reader)
+            if reader.target != LINEAR or record is None:
+                continue
+            if group.record.weight and reader.args[1] is observer and record.learned_weight is not None:
+                learned.add(record.learned_weight)
+            elif (not group.record.weight and reader.args[0] is observer and record.learned_input is not None
+                  and observer.args[0].name not in dict(record.input_bits)):
+                learned.add(record.learned_input)
+    return learned
 
 
 def encodings_by_tensor(gm: torch.fx.GraphModule) -> EncodingTable:

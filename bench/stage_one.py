@@ -1,0 +1,210 @@
+#!/usr/bin/env python3
+"""Stage one and mixed precision on SmolLM2-135M-Instruct, Brown corpus (the paper's Table 1/2 rows
+for this model).
+
+For each W-A-KV config, fake-quant perplexity of the rotated (random Hadamard) model with:
+static encodings only; + mixed precision (10% of down_proj inputs at 16 bits by sensitivity);
++ stage one (LSQ scales + Cayley-SGD R1/R2, selective); + stage one and 10%; and every down_proj
+input at 16 bits (static). Stage-one rows also record seconds per step against one float
+forward+backward of the same window in the same run, the loss curve and orthogonality. Then the
+8-8-8 and 4-8-8 stage one + 10% settings lowered to QNN HTP and run on the x86 simulator at a shorter length.
+Everything goes through `quantnpu.pipeline.pipeline`. Results are written after every row
+(atomically) to bench/results/stage_one.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import torch  # noqa: E402
+
+from quantnpu.fileio import atomic_write_text  # noqa: E402
+from quantnpu.lowering import qnn_sdk  # noqa: E402
+from quantnpu.lowering.lower import lower_to_qnn  # noqa: E402
+from quantnpu.memory import release_freed_memory  # noqa: E402
+from quantnpu.models.corpus import split_tokens, token_windows  # noqa: E402
+from quantnpu.models.export import export_causal_lm  # noqa: E402
+from quantnpu.models.smollm2 import load_smollm2  # noqa: E402
+from quantnpu.passes import PassManager, StaticCalibration  # noqa: E402
+from quantnpu.passes.learn_encodings import LearnEncodings, StageOneConfig  # noqa: E402
+from quantnpu.pipeline import find_pass, pipeline  # noqa: E402
+from quantnpu.quantizers.bit_plan import BitPlan  # noqa: E402
+from quantnpu.runtime_harness.perplexity import perplexity  # noqa: E402
+from quantnpu.runtime_harness.pte import PteModel  # noqa: E402
+from quantnpu.runtime_harness.records import package_versions, peak_memory_mib  # noqa: E402
+from static import converted, float_graph, pte_setting  # noqa: E402  (bench/ is the script's directory)
+
+# name -> (fraction of down_proj inputs promoted by sensitivity, stage one?, overrides)
+ROWS = {
+    "static": (0.0, False, ()),
+    "mixed10": (0.1, False, ()),
+    "stage1": (0.0, True, ()),
+    "stage1+mixed10": (0.1, True, ()),
+    "down16": (0.0, False, ("*.down_proj.input=16",)),
+}
+ROW_TITLES = {"static": "static only", "mixed10": "+ mixed precision 10%", "stage1": "+ stage one",
+              "stage1+mixed10": "+ stage one and 10%", "down16": "100% down_proj inputs at 16 bits (static)"}
+DEFAULT_RUNS = ([f"{bits}:stage1+mixed10" for bits in ("4-8-8", "8-8-8", "4-4-8")]
+                + [f"{bits}:{row}" for bits in ("8-8-8", "4-8-8", "4-4-8") for row in ("static", "mixed10", "down16")]
+                + ["8-8-8:pte", "4-8-8:pte"]
+                + [f"{bits}:stage1" for bits in ("4-8-8", "8-8-8", "4-4-8")])
+TARGETS = {"8-8-8": 1.45, "4-8-8": 2.2, "4-4-8": 3.0}  # the issue's, for stage one + 10%, x float
+
+
+def run_row(graph, bits: str, row: str, calibration, stage_one: StageOneConfig):
+    """The pipeline up to StaticCalibration on a copy of `graph`: (fake-quant graph, facts)."""
+    promote, learn, overrides = ROWS[row]
+    plan = BitPlan.parse(bits, overrides)
+    passes = pipeline(plan, calibration, "hadamard", progress=True, promote_fraction=promote,
+                      stage_one=stage_one if learn else None)
+    learner = find_pass(passes, LearnEncodings)
+    if learner is not None:
+        learner.measure_float_step = True
+    start = time.perf_counter()
+    fq = PassManager(passes, stop_after="StaticCalibration", progress=True).run(copy.deepcopy(graph))
+    facts = {"seconds": round(time.perf_counter() - start, 1),
+             "learned_encodings_kept": find_pass(passes, StaticCalibration).learned_used}
+    if learner is not None:
+        step = sum(r.seconds for r in learner.history) / len(learner.history)
+        facts["stage_one"] = {
+            "steps": len(learner.history), "seconds_per_step": round(step, 3),
+            "float_forward_backward_seconds": round(learner.float_step_seconds, 3),
+            "step_ratio": round(step / learner.float_step_seconds, 3),
+            "loss_first": learner.history[0].task_loss, "loss_last": learner.history[-1].task_loss,
+            "loss": [round(r.task_loss, 4) for r in learner.history],
+            "orthogonality": learner.orthogonality,
+            "quantizers": len(learner.sites),
+        }
+    return fq, plan, passes, facts
+
+
+def write(results: dict, out: Path) -> None:
+    atomic_write_text(out.with_suffix(".json"), json.dumps(results, indent=1) + "\n")
+    float_ppl = results["float"]
+    s1 = results["stage_one_config"]
+    lines = [
+        "# Stage one and mixed precision: SmolLM2-135M-Instruct, Brown evaluation split", "",
+        f"Command: `{results['command']}`", "",
+        f"Fake-quant ppl, {results['eval']['windows']} x {results['eval']['seq_len']}-token windows; calibration (stage one's "
+        f"training windows too) {results['calibration']['windows']} x {results['calibration']['seq_len']}. Rotated (random "
+        f"Hadamard R1/R2) in every row. Float ppl {float_ppl:.3f}.", "",
+        f"Stage one: {s1['optimize']}, {s1['steps']} steps of {s1['batch']} window, lr {s1['lr_scale']} scales (relative to "
+        f"each scale's size), {s1['lr_rotation']} rotations (Cayley SGD), cosine decay, local loss for the first "
+        f"{s1['local_steps'] if s1['local_steps'] is not None else s1['steps'] // 4} steps, init {s1['init']}, {s1['loss']} loss.", "",
+        "| W-A-KV | row | fake-quant ppl | x float | target (stage one + 10%) | stage one s/step | float fwd+bwd s | ratio | pipeline s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    order = list(ROWS)
+    for row in sorted(results["rows"], key=lambda r: (r["bits"], order.index(r["row"]))):
+        s = row.get("stage_one")
+        target = f"<= {TARGETS[row['bits']]}x ({TARGETS[row['bits']] * float_ppl:.1f})" if row["row"] == "stage1+mixed10" else ""
+        met = "" if not target else (" met" if row["ppl"] <= TARGETS[row["bits"]] * float_ppl else " **missed**")
+        lines.append(f"| {row['bits']} | {ROW_TITLES[row['row']]} | {row['ppl']:.3f} | {row['ppl'] / float_ppl:.2f} | {target}{met} | "
+                     + (f"{s['seconds_per_step']:.2f} | {s['float_forward_backward_seconds']:.2f} | {s['step_ratio']:.2f}" if s else "- | - | -")
+                     + f" | {row['seconds']:.0f} |")
+    lines += ["", f"Peak RSS of the run: {results.get('peak_rss_mib', float('nan')):.0f} MiB.", ""]
+    if results.get("pte"):
+        lines += [f"## `.pte` on the x86 HTP simulator ({results['pte_eval']['windows']} x {results['pte_eval']['seq_len']} tokens, SM8650)", "",
+                  "| W-A-KV | row | float | fake-quant | Q/DQ graph | .pte | .pte vs fake-quant | delegates | lower (s) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for row in results["pte"]:
+            lines.append(f"| {row['bits']} | {ROW_TITLES[row['row']]} | {row['float']:.3f} | {row['fake_quant']:.3f} | {row['qdq']:.3f} | "
+                         f"{row['pte']:.3f} | {100 * row['relative_gap']:.2f}% | {row['delegates']} | {row['lower_seconds']:.0f} |")
+    atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", nargs="*", default=DEFAULT_RUNS, metavar="BITS:ROW",
+                        help="which rows, in this order (default: the targets first, then the static rows, then stage one alone)")
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--eval-windows", type=int, default=16)
+    parser.add_argument("--calib-windows", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--lr-scale", type=float, default=StageOneConfig.lr_scale)
+    parser.add_argument("--lr-rotation", type=float, default=StageOneConfig.lr_rotation)
+    parser.add_argument("--pte-row", default="stage1+mixed10", choices=list(ROWS))
+    parser.add_argument("--pte-seq-len", type=int, default=128)
+    parser.add_argument("--pte-windows", type=int, default=4)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "stage_one"))
+    args = parser.parse_args()
+    out = Path(args.out)
+    stage_one = StageOneConfig(steps=args.steps, lr_scale=args.lr_scale, lr_rotation=args.lr_rotation)
+    qnn_sdk.activate(qnn_sdk.prepare_qnn_sdk())
+    model, tokenizer = load_smollm2()
+    eval_tokens, calib_tokens = split_tokens(tokenizer, "evaluation"), split_tokens(tokenizer, "calibration")
+    from dataclasses import asdict
+
+    results: dict = {
+        "command": "python bench/stage_one.py " + shlex.join(sys.argv[1:]),
+        "eval": {"windows": args.eval_windows, "seq_len": args.seq_len},
+        "calibration": {"windows": args.calib_windows, "seq_len": args.seq_len},
+        "stage_one_config": asdict(stage_one), "torch_threads": torch.get_num_threads(),
+        "float": float("nan"), "rows": [], "pte": [], "versions": package_versions(),
+    }
+    began = time.perf_counter()
+    runs = []
+    for run in args.runs:
+        bits, _, row = run.partition(":")
+        if row not in ROWS and row != "pte":
+            parser.error(f"--runs {run!r}: the row must be one of {', '.join(ROWS)}, or pte")
+        runs.append((bits, row))
+    setting, pte_setting_ = None, None
+    for bits, row in runs:
+        if row != "pte":
+            if setting is None:
+                windows = token_windows(eval_tokens, args.seq_len, args.eval_windows)
+                calibration = list(token_windows(calib_tokens, args.seq_len, args.calib_windows).unsqueeze(1))
+                exported = export_causal_lm(model, args.seq_len).module()
+                setting = (exported, windows, calibration)
+                results["float"] = perplexity(float_graph(exported), windows, "float (rotated)").ppl
+                release_freed_memory()
+            exported, windows, calibration = setting
+            fq, plan, _, facts = run_row(exported, bits, row, calibration, stage_one)
+            ppl = perplexity(fq, windows, f"fake-quant {plan.name} {row}").ppl
+            results["rows"].append({"bits": bits, "row": row, "ppl": ppl, **facts, "peak_rss_mib": peak_memory_mib()})
+            print(f"{bits} {row}: ppl {ppl:.3f} ({ppl / results['float']:.2f}x float)", flush=True)
+            del fq
+        else:
+            if pte_setting_ is None:
+                pte_graph, pte_windows, pte_calibration = pte_setting(model, tokenizer, args.pte_seq_len, args.pte_windows,
+                                                                      args.calib_windows * args.seq_len // args.pte_seq_len)
+                results["pte_eval"] = {"windows": args.pte_windows, "seq_len": args.pte_seq_len, "soc": "SM8650",
+                                       "calibration_windows": len(pte_calibration)}
+                pte_float = perplexity(float_graph(pte_graph), pte_windows, "float").ppl
+                pte_setting_ = (pte_graph, pte_windows, pte_calibration, pte_float)
+            pte_graph, pte_windows, pte_calibration, pte_float = pte_setting_
+            fq, plan, _, facts = run_row(pte_graph, bits, args.pte_row, pte_calibration, stage_one)
+            quantized = converted(fq, plan, pte_calibration)
+            pte_path = out.parent / f"stage_one_{bits}.pte"
+            lowered = lower_to_qnn(quantized, (pte_windows[:1],), pte_path)
+            fq_ppl = perplexity(fq, pte_windows, f"fake-quant {bits}").ppl
+            qdq_ppl = perplexity(quantized, pte_windows, f"Q/DQ graph {bits}").ppl
+            pte_ppl = perplexity(PteModel(lowered.pte_path), pte_windows, f".pte {bits}").ppl
+            pte_path.unlink(missing_ok=True)  # 100+ MiB; the numbers are what is kept
+            results["pte"].append({"bits": bits, "row": args.pte_row, "float": pte_float, "fake_quant": fq_ppl, "qdq": qdq_ppl,
+                                   "pte": pte_ppl, "relative_gap": abs(pte_ppl - fq_ppl) / fq_ppl, "delegates": lowered.delegates,
+                                   "lower_seconds": round(lowered.seconds, 1), **facts})
+            print(f"{bits}: float {pte_float:.3f} fake-quant {fq_ppl:.3f} Q/DQ {qdq_ppl:.3f} .pte {pte_ppl:.3f}", flush=True)
+            del fq, quantized, lowered
+        results["peak_rss_mib"] = peak_memory_mib()
+        write(results, out)
+        release_freed_memory()
+    results["total_seconds"] = round(time.perf_counter() - began, 1)
+    results["peak_rss_mib"] = peak_memory_mib()
+    write(results, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

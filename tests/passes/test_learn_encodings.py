@@ -1,0 +1,235 @@
+"""LearnEncodings (stage one): where the quantizers go (graph diff), what is learned and written
+back, that stage two keeps it, checkpoints and resume, seeds, Ctrl-C, and torch.distributed."""
+
+import copy
+import signal
+
+import pytest
+import torch
+
+from quantnpu.errors import Interrupted, PassFailedError, QuantNpuError
+from quantnpu.graph.equivalence import sample_token_ids
+from quantnpu.graph.meta import node_info, nodes_by_role, tensor_quant
+from quantnpu.graph.text import graph_diff, graph_text
+from quantnpu.passes import PassManager, StaticCalibration
+from quantnpu.passes.fuse_rotations import R1_NAME
+from quantnpu.passes.learn_encodings import (
+    LearnEncodings, StageOneConfig, insert_stage_one_quantizers, rotation_parameters,
+)
+from quantnpu.pipeline import find_pass, float_passes, pipeline
+from quantnpu.quantizers.bit_plan import BitPlan
+from quantnpu.quantizers.learnable import orthogonality_error
+from tests.graph_testing import tiny_graph
+
+PLAN = BitPlan.parse("4-8-8")
+
+
+def fused_graph(layers: int = 2, seq_len: int = 16) -> torch.fx.GraphModule:
+    """A tiny Llama after FuseRotations: R1/R2 are parameters the weights are computed from."""
+    return PassManager(float_passes("hadamard"), stop_after="FuseRotations").run(tiny_graph("llama", layers=layers, seq_len=seq_len))
+
+
+def calibration(gm, count: int = 4):
+    return [sample_token_ids(gm, seed) for seed in range(count)]
+
+
+def learned(gm) -> dict:
+    """Every learned encoding by linear role, and the rotation parameters."""
+    found = {}
+    for role, node in nodes_by_role(gm).items():
+        record = tensor_quant(node)
+        if record is not None and (record.learned_input or record.learned_weight):
+            found[role] = (record.learned_input, record.learned_weight)
+    rotations = {name: p.detach().clone() for name, p in rotation_parameters(gm)}
+    return {"encodings": found, "rotations": rotations}
+
+
+def run_stage_one(gm, config: StageOneConfig, batches=None, plan: BitPlan = PLAN):
+    stage_one = LearnEncodings(plan, batches or calibration(gm), config)
+    out = PassManager([stage_one]).run(gm)
+    return out, stage_one
+
+
+def test_selective_quantizers_graph_diff():
+    """Selective stage one on one layer: the shared q/k/v input, o_proj's and gate/up's inputs at A
+    (gate_proj's raised to 16 by HTP: it writes 16 bits), every layer weight at W. Nothing on
+    down_proj's input, linear outputs, K/V, or lm_head."""
+    gm = fused_graph(layers=1)
+    before = graph_text(gm)
+    insert_stage_one_quantizers(gm, PLAN, "selective")
+    diff = graph_diff(before, graph_text(gm))
+    added = [line for line in diff.splitlines() if line.startswith("+%quantnpu_stage_one")]
+    names = sorted(line.split(": ")[0].lstrip("+%") for line in added)
+    assert names == sorted([
+        "quantnpu_stage_one_layers_0_q_proj_input", "quantnpu_stage_one_layers_0_o_proj_input",
+        "quantnpu_stage_one_layers_0_gate_proj_input", "quantnpu_stage_one_layers_0_up_proj_input",
+        *(f"quantnpu_stage_one_layers_0_{k}_weight" for k in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
+    ])
+    by_role = nodes_by_role(gm)
+    # every changed linear reads a quantizer; lm_head and down_proj's input do not
+    for role in ("layers.0.q_proj", "layers.0.k_proj", "layers.0.v_proj", "layers.0.o_proj", "layers.0.gate_proj", "layers.0.up_proj"):
+        assert by_role[role].args[0].op == "call_module" and by_role[role].args[1].op == "call_module", role
+    assert by_role["layers.0.down_proj"].args[0].op != "call_module"
+    assert by_role["layers.0.down_proj"].args[1].op == "call_module"
+    assert by_role["lm_head"].args[0].op != "call_module" and by_role["lm_head"].args[1].op != "call_module"
+    # q, k and v share one quantizer; nothing reads a linear's output through a quantizer
+    assert by_role["layers.0.q_proj"].args[0] is by_role["layers.0.k_proj"].args[0] is by_role["layers.0.v_proj"].args[0]
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target.startswith("quantnpu_stage_one"):
+            assert node.args[0].target != torch.ops.aten.linear.default, node.name
+    modules = {name: gm.get_submodule(name) for name in names}
+    assert modules["quantnpu_stage_one_layers_0_q_proj_input"].bits == 8
+    assert modules["quantnpu_stage_one_layers_0_gate_proj_input"].bits == 16   # legalized: gate_proj writes 16
+    assert modules["quantnpu_stage_one_layers_0_q_proj_weight"].bits == 4
+    assert modules["quantnpu_stage_one_layers_0_q_proj_weight"].axis == 0
+    assert "+%quantnpu_stage_one_layers_0_q_proj_input: f32[1,16,64] = quantnpu_stage_one_layers_0_q_proj_input(%mul_" in diff
+
+
+def test_joint_adds_down_proj_inputs_and_lm_head():
+    gm = fused_graph(layers=1)
+    sites = insert_stage_one_quantizers(gm, PLAN, "joint")
+    roles = {(node_info(s.linears[0]).role, s.what) for s in sites}
+    assert ("layers.0.down_proj", "input") in roles and ("lm_head", "input") in roles and ("lm_head", "weight") in roles
+
+
+def test_stage_one_learns_writes_back_and_keeps_the_function():
+    gm = fused_graph()
+    reference = copy.deepcopy(gm)
+    r1_before = getattr(gm, R1_NAME).detach().clone()
+    out, stage_one = run_stage_one(gm, StageOneConfig(steps=4, lr_scale=0.05))   # the verifier runs
+    assert not any(n.op == "call_module" and n.target.startswith("quantnpu_stage_one") for n in out.graph.nodes)
+    assert not any(name.startswith("quantnpu_stage_one") for name, _ in out.named_modules())
+    before = dict(reference.named_parameters())
+    assert all(p.requires_grad == before[name].requires_grad for name, p in out.named_parameters())  # as they were
+    r1 = getattr(out, R1_NAME).detach()
+    assert not torch.equal(r1, r1_before) and orthogonality_error(r1) < 1e-5
+    assert stage_one.orthogonality < 1e-5
+    found = learned(out)["encodings"]
+    assert set(found) == {f"layers.{i}.{k}" for i in range(2) for k in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
+    assert found["layers.0.down_proj"][0] is None and found["layers.0.q_proj"][0].bits == 8
+    assert found["layers.0.q_proj"][1].bits == 4 and len(found["layers.0.q_proj"][1].scale) == 64
+    # the scales moved from their initialization
+    initial = {s.name: s.module.initial_scale for s in stage_one.sites}
+    moved = [s for s in stage_one.sites if not torch.equal(s.module.scale.detach(), initial[s.name])]
+    assert moved
+    ids = sample_token_ids(gm, 7)
+    assert torch.allclose(out(ids)[0], reference(ids)[0], rtol=1e-4, atol=1e-4)
+    assert len(stage_one.history) == 4
+
+
+def test_stage_two_keeps_the_learned_encodings_frozen():
+    gm = tiny_graph("llama", layers=2, seq_len=16)
+    batches = calibration(gm)
+    passes = pipeline(PLAN, batches, stage_one=StageOneConfig(steps=2))
+    fq = PassManager(passes, stop_after="StaticCalibration").run(gm)
+    calibrated = find_pass(passes, StaticCalibration)
+    assert calibrated.learned_used > 0 and not calibrated.learned_ignored
+    for node in fq.graph.nodes:
+        record = tensor_quant(node)
+        if node.target != torch.ops.aten.linear.default or record is None or record.learned_input is None:
+            continue
+        # what the fake-quant graph applies: the observers on the linear's input edge and weight
+        assert node.args[0].op == "call_module" and node.args[1].op == "call_module"
+        assert fq.get_submodule(node.args[0].target).encoding == record.learned_input, node_info(node).role
+        assert fq.get_submodule(node.args[1].target).encoding == record.learned_weight, node_info(node).role
+
+
+def test_same_seed_same_encodings_and_resume_is_bit_identical(tmp_path):
+    config = StageOneConfig(steps=6, lr_scale=0.05, batch=2, checkpoint=str(tmp_path / "a.ckpt"), checkpoint_every=2)
+    first = learned(run_stage_one(fused_graph(), config)[0])
+    again = learned(run_stage_one(fused_graph(), config)[0])
+    _assert_identical(first, again)
+    # interrupted by Ctrl-C during step 3 (of 6): the step finishes, a checkpoint is written
+    gm = fused_graph()
+    interrupted_config = StageOneConfig(steps=6, lr_scale=0.05, batch=2, checkpoint=str(tmp_path / "b.ckpt"), checkpoint_every=4)
+    stage_one = LearnEncodings(PLAN, calibration(gm), interrupted_config)
+    calls = {"n": 0}
+
+    def press_ctrl_c(module, args, output):
+        calls["n"] += 1
+        if calls["n"] == 5:   # one quantizer, two windows per step: the 5th call is in step 3
+            signal.raise_signal(signal.SIGINT)
+
+    original_call = stage_one._train
+
+    def train_with_ctrl_c(graph, checkpoint):
+        graph.get_submodule("quantnpu_stage_one_layers_0_q_proj_input").register_forward_hook(press_ctrl_c)
+        return original_call(graph, checkpoint)
+
+    stage_one._train = train_with_ctrl_c
+    with pytest.raises(Interrupted, match="after step 3 of 6.*--resume"):
+        PassManager([stage_one]).run(gm)
+    assert (tmp_path / "b.ckpt").is_file()
+    resumed_config = StageOneConfig(steps=6, lr_scale=0.05, batch=2, checkpoint=str(tmp_path / "b.ckpt"), resume=True)
+    resumed_gm, resumed = run_stage_one(fused_graph(), resumed_config)
+    assert [r.step for r in resumed.history] == list(range(6))
+    _assert_identical(first, learned(resumed_gm))
+
+
+def _assert_identical(a: dict, b: dict) -> None:
+    assert a["encodings"] == b["encodings"]
+    assert a["rotations"].keys() == b["rotations"].keys()
+    for name in a["rotations"]:
+        assert torch.equal(a["rotations"][name], b["rotations"][name]), name
+
+
+def test_resume_refuses_another_runs_checkpoint(tmp_path):
+    path = str(tmp_path / "c.ckpt")
+    run_stage_one(fused_graph(), StageOneConfig(steps=2, checkpoint=path))
+    with pytest.raises(PassFailedError, match="different stage-one run \\(config differs\\)"):
+        run_stage_one(fused_graph(), StageOneConfig(steps=3, checkpoint=path, resume=True))
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(PassFailedError, match="junk.ckpt: not a readable stage-one checkpoint"):
+        run_stage_one(fused_graph(), StageOneConfig(steps=2, checkpoint=str(tmp_path / "junk.ckpt"), resume=True))
+
+
+@pytest.mark.parametrize("bad", [dict(optimize="all"), dict(steps=0), dict(init="mean"), dict(simulate="int"),
+                                 dict(local_steps=9, steps=4), dict(resume=True), dict(lr_scale=-1.0)])
+def test_bad_settings_are_one_line_errors(bad):
+    with pytest.raises(QuantNpuError, match="stage one"):
+        StageOneConfig(**bad)
+
+
+def test_rotations_mode_learns_only_rotations_and_dynamic_writes_no_input_encodings():
+    gm, stage_one = run_stage_one(fused_graph(), StageOneConfig(optimize="rotations", steps=2))
+    assert not learned(gm)["encodings"] and stage_one.orthogonality < 1e-5
+    gm, _ = run_stage_one(fused_graph(), StageOneConfig(simulate="dynamic", loss="kl", steps=2))
+    found = learned(gm)["encodings"]
+    assert found and all(inp is None and weight is not None for inp, weight in found.values())
+
+
+def test_unrotated_graph_learns_weight_scales_only():
+    gm = PassManager(float_passes("none")).run(tiny_graph("llama", layers=1, seq_len=16))
+    out, stage_one = run_stage_one(gm, StageOneConfig(steps=2), plan=BitPlan.parse("8-8-8"))  # unrotated: >= 8 bits
+    assert not rotation_parameters(out) and {s.what for s in stage_one.sites} == {"weight"}
+
+
+def _distributed_rank(rank: int, world: int, init_file: str, out_file: str) -> None:
+    """One torchrun-like rank: the same graph, its share of every step's windows."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        gm, _ = run_stage_one(fused_graph(), StageOneConfig(steps=3, batch=2, lr_scale=0.05))
+        if rank == 0:
+            torch.save(learned(gm), out_file)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_processes_learn_what_one_process_learns_with_the_same_global_batch(tmp_path):
+    import torch.multiprocessing as mp
+
+    single, _ = run_stage_one(fused_graph(), StageOneConfig(steps=3, batch=2, lr_scale=0.05))
+    out_file = str(tmp_path / "rank0.pt")
+    mp.spawn(_distributed_rank, args=(2, str(tmp_path / "rendezvous"), out_file), nprocs=2, join=True)
+    expected, distributed = learned(single), torch.load(out_file, weights_only=False)
+    assert distributed["encodings"].keys() == expected["encodings"].keys()
+    for role, (inp, weight) in expected["encodings"].items():
+        got_inp, got_weight = distributed["encodings"][role]
+        for want, got in ((inp, got_inp), (weight, got_weight)):
+            if want is None:
+                assert got is None
+            else:
+                assert got.bits == want.bits
+                assert torch.allclose(torch.tensor(got.scale), torch.tensor(want.scale), rtol=1e-5), role
+    for name, value in expected["rotations"].items():
+        assert torch.allclose(distributed["rotations"][name], value, atol=1e-6), name
