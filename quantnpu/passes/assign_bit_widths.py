@@ -15,6 +15,7 @@ a user's `--override` still has the last word. `report` lists every layer's r.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from quantnpu.graph.meta import node_info, update_tensor_quant
 from quantnpu.memory import release_freed_memory
 from quantnpu.passes.annotate_roles import AnnotateRoles
 from quantnpu.passes.base import GraphPass, PassResult, require
-from quantnpu.passes.fuse_rotations import FuseRotations
+from quantnpu.passes.fuse_rotations import FuseRotations, is_rotation_target
 from quantnpu.quantizers.encodings import Encoding
 from quantnpu.quantizers.init_rules import max_min_scale
 from quantnpu.quantizers.observers import RunningStats, float32_exact
@@ -59,6 +60,17 @@ def promoted_count(fraction: float, layers: int) -> int:
     return min(layers, math.ceil(round(fraction * layers, 6)))
 
 
+def _rotations_baked(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """The graph to measure on. Before BakeRotations every rotated weight is a graph expression of
+    R1/R2 that each window would recompute (more work than the model itself at short lengths); a
+    baked copy computes the same activations from the weights the final model will have."""
+    if not any(n.op == "get_attr" and is_rotation_target(n.target) for n in gm.graph.nodes):
+        return gm
+    from quantnpu.passes.bake_rotations import BakeRotations
+
+    return BakeRotations()(copy.deepcopy(gm)).graph_module
+
+
 class AssignBitWidths(GraphPass):
     """See the module docstring."""
 
@@ -83,9 +95,11 @@ class AssignBitWidths(GraphPass):
         downs = [n for n in gm.graph.nodes if (info := node_info(n)) is not None and info.kind == "down_proj"]
         require(bool(downs), "no down_proj found: run AnnotateRoles first")
         require(bool(self.calibration), "sensitivity needs calibration batches")
-        inputs = {down.args[0]: down for down in downs}
+        measured = _rotations_baked(gm)
+        by_name = {n.name: n for n in measured.graph.nodes}
+        inputs = {by_name[down.args[0].name]: down for down in downs}
         stats = {node: RunningStats() for node in inputs}
-        self._stream(gm, inputs, lambda node, x: stats[node].update(x), "max")
+        self._stream(measured, inputs, lambda node, x: stats[node].update(x), "max")
         encodings = {node: Encoding(bits=8, scale=float32_exact(max_min_scale(s.tensor_stats(), 8)))
                      for node, s in stats.items()}
         error = dict.fromkeys(inputs, 0.0)
@@ -96,7 +110,7 @@ class AssignBitWidths(GraphPass):
             error[node] += float((x - encodings[node].fake_quantize(x)).double().square().sum())
             total[node] += float(x.double().square().sum())
 
-        self._stream(gm, inputs, accumulate, "error")
+        self._stream(measured, inputs, accumulate, "error")
         ranked = sorted(inputs, key=lambda n: math.sqrt(error[n] / max(total[n], 1e-300)), reverse=True)
         promoted = set(ranked[:promoted_count(self.fraction, len(ranked))])
         self.sensitivities = []
