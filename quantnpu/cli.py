@@ -362,7 +362,12 @@ def _output_vocab(gm, path: Path) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return _run_quietly(_lower, _lower_parser().parse_args(argv))
+    from quantnpu.logs import quiet_backends
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    with quiet_backends(verbose="-v" in argv or "--verbose" in argv):
+        parser = _lower_parser()  # its choices import torchao, which logs at import time
+    return _run_quietly(_lower, parser.parse_args(argv))
 
 
 def _run_quietly(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
