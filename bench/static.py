@@ -89,6 +89,20 @@ def pte_setting(model, tokenizer, seq_len: int = 128, eval_windows: int = 4, cal
     return gm, windows, calibration
 
 
+def pte_measurement(fq, quantized, windows, pte_path: Path, label: str) -> dict:
+    """Lower the Q/DQ graph to `pte_path` and run the fake-quant graph, the Q/DQ graph (what lowering
+    consumes) and the `.pte` on the HTP simulator over `windows`: their ppl and the lowering facts.
+    The `.pte` (100+ MiB) is deleted afterwards; the numbers are what is kept."""
+    lowered = lower_to_qnn(quantized, (windows[:1],), pte_path)
+    fq_ppl = perplexity(fq, windows, f"fake-quant {label}").ppl
+    qdq_ppl = perplexity(quantized, windows, f"Q/DQ graph {label}").ppl
+    pte_ppl = perplexity(PteModel(lowered.pte_path), windows, f".pte {label}").ppl
+    pte_path.unlink(missing_ok=True)
+    return {"fake_quant": fq_ppl, "qdq": qdq_ppl, "pte": pte_ppl, "relative_gap": abs(pte_ppl - fq_ppl) / fq_ppl,
+            "delegates": lowered.delegates, "outside_delegates": lowered.outside_delegates,
+            "mib": lowered.size_bytes / 2**20, "lower_seconds": round(lowered.seconds, 1)}
+
+
 def write(results: dict, out: Path) -> None:
     atomic_write_text(out.with_suffix(".json"), json.dumps(results, indent=1) + "\n")
     lines = [
@@ -178,22 +192,15 @@ def main() -> int:
             fq, deviations, _, _ = fake_quant(exported, plan, calibration)
             quantized = converted(fq, plan, calibration)
             violations = integer_only_violations(quantized)
-            pte_path = out.parent / f"static_{bits}.pte"
-            lowered = lower_to_qnn(quantized, (pte_windows[:1],), pte_path)
-            fq_ppl = perplexity(fq, pte_windows, f"fake-quant {bits}").ppl
-            qdq_ppl = perplexity(quantized, pte_windows, f"Q/DQ graph {bits}").ppl  # what lowering consumes
-            pte_ppl = perplexity(PteModel(lowered.pte_path), pte_windows, f".pte {bits}").ppl
-            row = {"bits": bits, "rotate": "hadamard", "float": float_ppl, "fake_quant": fq_ppl, "qdq": qdq_ppl, "pte": pte_ppl,
-                   "relative_gap": abs(pte_ppl - fq_ppl) / fq_ppl, "delegates": lowered.delegates,
-                   "outside_delegates": lowered.outside_delegates, "mib": lowered.size_bytes / 2**20,
-                   "lower_seconds": round(lowered.seconds, 1), "integer_only_violations": violations}
-            pte_path.unlink(missing_ok=True)  # 100+ MiB; the numbers are what is kept
+            row = {"bits": bits, "rotate": "hadamard", "float": float_ppl, "integer_only_violations": violations,
+                   **pte_measurement(fq, quantized, pte_windows, out.parent / f"static_{bits}.pte", bits)}
+            fq_ppl, qdq_ppl, pte_ppl = row["fake_quant"], row["qdq"], row["pte"]
             if row["relative_gap"] > 0.02:
                 row["localization"] = localize(quantized, pte_windows[:1], out.parent / f"static_{bits}_taps.pte")
             results["pte"].append(row)
             print(f"{bits}: float {float_ppl:.3f} fake-quant {fq_ppl:.3f} Q/DQ {qdq_ppl:.3f} .pte {pte_ppl:.3f}", flush=True)
             write(results, out)
-            del fq, quantized, lowered
+            del fq, quantized
             release_freed_memory()
     results["peak_rss_mib"] = peak_memory_mib()
     write(results, out)
