@@ -76,17 +76,20 @@ class StageOneConfig:
     (the graph's batch and length are fixed at export, so `batch` windows are run one after another
     and their gradients accumulated; under torchrun they are split across ranks), 32 steps.
     The paper: 512 steps of 2 x 2 x 2048 tokens, lr 0.1 rotations / 0.01 scales, SGD, cosine decay,
-    local loss for the first 128 steps. Rotation lr measured on SmolLM2-135M, 4-8-8 + 10%, 16
-    steps at 256 tokens (fake-quant ppl, static 277.4): lr 0.02 / 0.1 / 0.5 / 2.0 -> 243.9 / 205.8 /
-    184.1 / 166.4, so the default is 2.0 and the 1/||A||_1 cap does the bounding; scale lr 0.01
-    beat 0.1 there (205.8 vs 222.4)."""
+    local loss for the first 128 steps. Rotation lr, measured on SmolLM2-135M with 10% promotion
+    (bench/results/stage_one*.md): with 4-bit weights a large lr helps (4-8-8, 16 steps at 256 tokens:
+    lr 0.02 / 0.1 / 0.5 / 2.0 -> ppl 243.9 / 205.8 / 184.1 / 166.4, static 277.4), but at 8-8-8, where
+    the learned sites carry little error, lr 2.0 walks R1 away from the Hadamard start and doubles the
+    ppl of everything stage one leaves float (90.6 -> 179.8, 32 steps at 512), while 0.1 leaves it at
+    90.5. The default is the paper's 0.1; `lr_rotation=2.0` is the choice for 4-bit weights. Scale
+    lr 0.01 beat 0.1 (205.8 vs 222.4)."""
 
     optimize: str = "selective"
     steps: int = 32
     batch: int = 1                  # calibration windows per step (accumulated; split across ranks)
     local_steps: int | None = None  # steps with the local loss; None: a quarter of `steps` (paper 128/512)
     local_weight: float = 1.0       # lambda of the local loss
-    lr_rotation: float = 2.0        # Cayley SGD; the step is also capped at 1/||A||_1 (see below)
+    lr_rotation: float = 0.1        # Cayley SGD (the paper's); the step is also capped at 1/||A||_1 (see below)
     lr_scale: float = 0.01          # relative: one SGD step moves a scale by lr x its own size x its gradient
     momentum: float = 0.0           # for both optimizers
     loss: str = "ce"                # "ce": next-token cross-entropy; "kl": KL to the float graph's logits
