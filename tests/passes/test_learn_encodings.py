@@ -233,3 +233,26 @@ def test_two_processes_learn_what_one_process_learns_with_the_same_global_batch(
                 assert torch.allclose(torch.tensor(got.scale), torch.tensor(want.scale), rtol=1e-5), role
     for name, value in expected["rotations"].items():
         assert torch.allclose(distributed["rotations"][name], value, atol=1e-6), name
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "gemma2", "et-llama"])
+def test_stage_one_through_the_whole_pipeline_on_other_families(family):
+    """Biases (Qwen2), q/k norms (Qwen3), R1 skipped for sandwich norms (Gemma-2: only R2 and o_proj's
+    input learned), ExecuTorch's Llama: stage one runs, keeps the function (verifier), and stage two
+    keeps every learned encoding."""
+    from quantnpu.models.export import export_causal_lm
+    from quantnpu.models.tiny import tiny_model
+
+    gm = export_causal_lm(tiny_model(family), 16).module()
+    passes = pipeline(PLAN, calibration(gm, 3), promote_fraction=0.5, stage_one=StageOneConfig(steps=2))
+    with pytest.warns() if family == "gemma2" else _no_context():
+        PassManager(passes).run(gm)
+    learner, calibrated = find_pass(passes, LearnEncodings), find_pass(passes, StaticCalibration)
+    assert len(learner.history) == 2 and learner.orthogonality < 1e-5
+    assert calibrated.learned_used > 0 and not calibrated.learned_ignored
+
+
+def _no_context():
+    import contextlib
+
+    return contextlib.nullcontext()
