@@ -15,6 +15,7 @@ from quantnpu.errors import Interrupted, QuantNpuError
 
 EXPORT_MODELS = ("smollm2", "tiny-llama", "tiny-qwen2")
 DEFAULT_BITS = "4-8-8"
+DEFAULT_SMOOTH = "off"
 SMOLLM2_VOCAB = 49152
 
 
@@ -52,6 +53,8 @@ def _guarded(run: Callable[[argparse.Namespace], int], args: argparse.Namespace)
 
 def _lower_parser() -> argparse.ArgumentParser:
     from quantnpu.passes.learn_encodings import INITS, LOSSES, OPTIMIZE, SIMULATIONS, StageOneConfig
+    from quantnpu.passes.round_weights import WEIGHT_ROUNDING
+    from quantnpu.passes.smooth_inputs import SMOOTH_MODES, SmoothingConfig
     from quantnpu.quantizers.et_qnn import ET_CONFIGS
 
     _STAGE_ONE = StageOneConfig()
@@ -93,6 +96,16 @@ def _lower_parser() -> argparse.ArgumentParser:
     stage.add_argument("--checkpoint", metavar="FILE", help="stage-one checkpoint (default: beside the output, removed after a finished run)")
     stage.add_argument("--checkpoint-every", type=int, default=_STAGE_ONE.checkpoint_every, metavar="N", help=f"steps between checkpoints (default {_STAGE_ONE.checkpoint_every})")
     stage.add_argument("--resume", action="store_true", help="continue stage one from the checkpoint (same command otherwise)")
+    beyond = parser.add_argument_group("beyond the paper", "static smoothing of the unrotated linear inputs and GPTQ rounding of the narrow weights (bench/results/smoothing.md)")
+    beyond.add_argument("--smooth", choices=SMOOTH_MODES, default=DEFAULT_SMOOTH,
+                        help=f"per-channel smoothing of down_proj's and o_proj's inputs, folded into up/down and v/o: off, fixed (one alpha), "
+                             f"search (per layer, by the linear's quantized output error), global (one alpha, by the quantized model's "
+                             f"calibration KL), learn (fixed, then learned in stage one) (default {DEFAULT_SMOOTH})")
+    beyond.add_argument("--smooth-alpha", type=float, default=SmoothingConfig.alpha, metavar="A",
+                        help=f"migration strength of --smooth fixed/learn, in [0, 1] (default {SmoothingConfig.alpha})")
+    beyond.add_argument("--weight-rounding", choices=WEIGHT_ROUNDING, default="nearest",
+                        help="nearest (default) or gptq: the weights of at most --gptq-bits bits re-rounded with the calibration inputs, same scales")
+    beyond.add_argument("--gptq-bits", type=int, default=4, choices=(4, 8), help="GPTQ rounds weights of at most this many bits (default 4)")
     parser.add_argument("--encodings", help="write the encodings (AIMET-style JSON) to this file")
     parser.add_argument("--soc", default="SM8650", help="Qualcomm SoC to compile for (default SM8650, Snapdragon 8 Gen 3)")
     parser.add_argument("--rotate", default=None, help="R1/R2 rotations fused into the weights: hadamard (random Hadamard; the default, "
@@ -135,6 +148,21 @@ def _stage_one_config(args: argparse.Namespace, plan, output: Path):
         local_weight=args.local_weight, lr_rotation=args.lr_rotation, lr_scale=args.lr_scale, momentum=args.momentum,
         loss=args.loss, init=args.init, simulate=args.simulate, checkpoint=checkpoint,
         checkpoint_every=args.checkpoint_every, resume=args.resume)
+
+
+def _smoothing_config(args: argparse.Namespace, plan, stage_one):
+    """The SmoothingConfig of the flags, or None; combinations that cannot work are errors now."""
+    if plan is None:
+        if args.smooth != "off" or args.weight_rounding != "nearest":
+            raise QuantNpuError("--smooth/--weight-rounding belong to --quant quantnpu")
+        return None
+    if args.smooth == "learn" and stage_one is None:
+        raise QuantNpuError("--smooth learn learns the factors in stage one: add --optimize selective (or joint)")
+    if args.smooth == "off":
+        return None
+    from quantnpu.passes.smooth_inputs import SmoothingConfig
+
+    return SmoothingConfig(mode=args.smooth, alpha=args.smooth_alpha)
 
 
 def _join_ranks(stage_one) -> int:
@@ -198,6 +226,7 @@ def _lower(args: argparse.Namespace) -> int:
     if output.suffix != ".pte":
         raise QuantNpuError(f"{output}: the output must end in .pte")
     stage_one = _stage_one_config(args, plan, output)
+    smoothing = _smoothing_config(args, plan, stage_one)
     rank = _join_ranks(stage_one)
     from quantnpu.models.export import load_pt2, token_input_spec
 
@@ -233,7 +262,8 @@ def _lower(args: argparse.Namespace) -> int:
     float_gm = copy.deepcopy(gm) if args.eval else None  # the input graph: the float reference
     passes = pipeline(plan if plan is not None else args.quant, batches, args.rotate, args.soc,
                       strict=strict_hadamard, progress=not args.quiet,
-                      promote_fraction=args.promote_fraction if plan is not None else 0.0, stage_one=stage_one)
+                      promote_fraction=args.promote_fraction if plan is not None else 0.0, stage_one=stage_one,
+                      smoothing=smoothing, weight_rounding=args.weight_rounding, gptq_bits=args.gptq_bits)
     # under torchrun the other ranks only help with stage one; rank 0 does everything else
     manager = PassManager(passes, stop_after="LearnEncodings" if rank else args.stop_after,
                           progress=not args.quiet and rank == 0, verify=not args.no_verify)
@@ -297,8 +327,9 @@ def _quantnpu_record(args: argparse.Namespace, passes, quantized) -> dict:
     """The run record's fields for static encodings (and the encodings file, if asked for)."""
     from dataclasses import asdict
 
-    from quantnpu.passes import AssignBitWidths, FuseRotations, PlanBitWidths, StaticCalibration
+    from quantnpu.passes import AssignBitWidths, FuseRotations, PlanBitWidths, SmoothUnrotatedInputs, StaticCalibration
     from quantnpu.passes.learn_encodings import LearnEncodings
+    from quantnpu.passes.round_weights import RoundWeightsGptq
     from quantnpu.passes.convert import ENCODINGS_META
     from quantnpu.pipeline import find_pass
     from quantnpu.quantizers.encodings import write_encodings
@@ -325,6 +356,18 @@ def _quantnpu_record(args: argparse.Namespace, passes, quantized) -> dict:
                               "learned_encodings_kept": find_pass(passes, StaticCalibration).learned_used,
                               "seconds_per_step": sum(r.seconds for r in learned.history) / len(learned.history),
                               "loss": [round(r.task_loss, 5) for r in learned.history]}
+    smoothing = find_pass(passes, SmoothUnrotatedInputs)
+    if smoothing is not None and smoothing.layers:
+        if not args.quiet:
+            print(smoothing.report())
+        extra["smoothing"] = {**asdict(smoothing.config), "layers": [
+            {"role": layer.role, "alpha": layer.alpha, "factor_min": float(layer.factors.min()), "factor_max": float(layer.factors.max())}
+            for layer in smoothing.layers]}
+    gptq = find_pass(passes, RoundWeightsGptq)
+    if gptq is not None:
+        if not args.quiet:
+            print(gptq.report().splitlines()[-1])
+        extra["weight_rounding"] = {"method": "gptq", "max_bits": gptq.max_bits, "weights": [asdict(r) for r in gptq.layers]}
     if rotations is not None and rotations.skipped_r1:
         extra["r1_skipped"] = rotations.skipped_r1
     if args.encodings:

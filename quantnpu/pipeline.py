@@ -10,6 +10,7 @@ this; nothing else assembles passes.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -23,6 +24,8 @@ from quantnpu.passes.assign_bit_widths import AssignBitWidths
 from quantnpu.passes.convert import ConvertToQdq, QuantizeWithQnnQuantizer
 from quantnpu.passes.integer_only import IntegerOnlyCheck
 from quantnpu.passes.learn_encodings import LearnEncodings, StageOneConfig
+from quantnpu.passes.round_weights import WEIGHT_ROUNDING, RoundWeightsGptq
+from quantnpu.passes.smooth_inputs import SmoothingConfig, SmoothUnrotatedInputs
 from quantnpu.quantizers.bit_plan import BitPlan
 
 ROTATIONS = ("none", "hadamard", "random")
@@ -42,10 +45,25 @@ def float_passes(rotate: str = "hadamard", seed: int = 0, strict: bool = False) 
 
 
 def fake_quant_passes(plan: BitPlan, calibration: Sequence[torch.Tensor], soc: str = "SM8650",
-                      progress: bool = False, legalize: bool = True) -> list[GraphPass]:
+                      progress: bool = False, legalize: bool = True, weight_rounding: str = "nearest",
+                      gptq_bits: int = 4) -> list[GraphPass]:
     """Float graph -> fake-quant graph (stage two): PrepareForQnn, InsertStaticObservers,
-    PlanBitWidths(plan), StaticCalibration(calibration)."""
-    return [PrepareForQnn(), InsertStaticObservers(soc), PlanBitWidths(plan, legalize), StaticCalibration(calibration, progress, soc)]
+    PlanBitWidths(plan), StaticCalibration(calibration), and with `weight_rounding="gptq"`
+    RoundWeightsGptq on the weights of at most `gptq_bits` bits."""
+    if weight_rounding not in WEIGHT_ROUNDING:
+        raise QuantNpuError(f"unknown weight rounding {weight_rounding!r}: choose one of {', '.join(WEIGHT_ROUNDING)}")
+    passes = [PrepareForQnn(), InsertStaticObservers(soc), PlanBitWidths(plan, legalize), StaticCalibration(calibration, progress, soc)]
+    if weight_rounding == "gptq":
+        passes.append(RoundWeightsGptq(calibration, max_bits=gptq_bits, progress=progress))
+    return passes
+
+
+def fake_quant_end(passes: Sequence[GraphPass]) -> str:
+    """The name of the pass whose output is the finished fake-quant graph (a `stop_after` for it)."""
+    ends = [p for p in passes if isinstance(p, (StaticCalibration, RoundWeightsGptq))]
+    if not ends:
+        raise QuantNpuError("this pipeline has no static encodings (no StaticCalibration)")
+    return ends[-1].name
 
 
 def pipeline(
@@ -58,13 +76,19 @@ def pipeline(
     progress: bool = False,
     promote_fraction: float = 0.0,
     stage_one: StageOneConfig | None = None,
+    smoothing: SmoothingConfig | None = None,
+    weight_rounding: str = "nearest",
+    gptq_bits: int = 4,
 ) -> list[GraphPass]:
     """The whole chain in order. `plan`: a quantnpu `BitPlan` (or its `W-A-KV` text) for static
     encodings, ending in `ConvertToQdq` and `IntegerOnlyCheck`; `"et-<config>"` for ExecuTorch's
     QnnQuantizer instead; None for the float passes alone. `promote_fraction` > 0 adds
     `AssignBitWidths`: the most sensitive down_proj inputs (that fraction of the layers) at 16 bits.
     `stage_one` adds `LearnEncodings` (scales learned with R1/R2) before the rotations are baked;
-    stage two (`StaticCalibration`) then keeps its encodings and calibrates the rest."""
+    stage two (`StaticCalibration`) then keeps its encodings and calibrates the rest.
+    `smoothing` (mode other than off) adds `SmoothUnrotatedInputs` right after the rotations are
+    fused: before sensitivity and stage one, which see the smoothed graph. `weight_rounding="gptq"`
+    rounds the weights of at most `gptq_bits` bits with GPTQ after stage two."""
     passes = float_passes(rotate, seed, strict)
     if plan is None:
         return passes
@@ -76,13 +100,23 @@ def pipeline(
         raise QuantNpuError("static encodings need calibration batches")
     # Sensitivity and stage one see the graph with R1/R2 still parameters (before BakeRotations).
     learned: list[GraphPass] = []
+    if smoothing is not None and smoothing.mode != "off":
+        learned.append(SmoothUnrotatedInputs(calibration, smoothing, plan, progress))
     if promote_fraction > 0:
         learned.append(AssignBitWidths(calibration, promote_fraction, progress=progress))
+    if smoothing is not None and smoothing.mode == "learn":
+        if stage_one is None or stage_one.optimize == "none":
+            raise QuantNpuError("smoothing mode 'learn' learns the factors in stage one: give a stage-one config")
+        stage_one = dataclasses.replace(stage_one, learn_smoothing=True)
     if stage_one is not None and stage_one.optimize != "none":
         learned.append(LearnEncodings(plan, calibration, stage_one, progress))
-    bake = next((i for i, p in enumerate(passes) if isinstance(p, BakeRotations)), len(passes))
+    bake = next((i for i, p in enumerate(passes) if isinstance(p, BakeRotations)), None)
+    if bake is None:  # no rotations: the smoothing factors still need folding
+        bake = len(passes)
+        passes.append(BakeRotations())
     passes[bake:bake] = learned
-    return passes + fake_quant_passes(plan, calibration, soc, progress) + [ConvertToQdq(soc), IntegerOnlyCheck()]
+    return (passes + fake_quant_passes(plan, calibration, soc, progress, weight_rounding=weight_rounding, gptq_bits=gptq_bits)
+            + [ConvertToQdq(soc), IntegerOnlyCheck()])
 
 
 def find_pass(passes: Sequence[GraphPass], kind: type[GraphPass]) -> GraphPass | None:

@@ -199,6 +199,26 @@ def test_stage_one_flag_errors(tiny_pt2, tmp_path):
     _assert_one_line_error(_lower(tiny_pt2, "--steps", "0"), r"stage one: steps must be at least 1")
 
 
+def test_smoothing_and_gptq_flags_end_to_end(tmp_path, tiny_pt2):
+    output = tmp_path / "smooth.pte"
+    result = _lower(tiny_pt2, "-o", output, "--calib-windows", "2", "-q", "--steps", "2",
+                    "--smooth", "learn", "--weight-rounding", "gptq")
+    assert result.returncode == 0, result.stdout + result.stderr
+    record = json.loads(output.with_suffix(".json").read_text())
+    assert record["smoothing"]["mode"] == "learn" and len(record["smoothing"]["layers"]) == 2   # down_proj and o_proj
+    assert record["stage_one"]["learn_smoothing"]
+    rounded = record["weight_rounding"]["weights"]
+    assert record["weight_rounding"]["max_bits"] == 4 and len(rounded) == 7                     # the one layer's 4-bit weights
+    assert all(r["gptq_error"] < r["nearest_error"] for r in rounded if r["kept"])
+    assert record["outside_delegates"] == [] and record["delegates"] == 1
+
+
+def test_smoothing_flag_errors(tiny_pt2):
+    _assert_one_line_error(_lower(tiny_pt2, "--smooth", "learn", "--optimize", "none"), r"--smooth learn learns the factors in stage one")
+    _assert_one_line_error(_lower(tiny_pt2, "--quant", "et-16a8w", "--smooth", "fixed"), r"--smooth/--weight-rounding belong to --quant quantnpu")
+    _assert_one_line_error(_lower(tiny_pt2, "--smooth", "fixed", "--smooth-alpha", "2"), r"smoothing: alpha must be in \[0, 1\], got 2.0")
+
+
 def test_ctrl_c_in_stage_one_checkpoints_and_resume_finishes(tmp_path, tiny_pt2):
     import os
     import signal

@@ -32,15 +32,18 @@ class NodeInfo:
     """`role` is unique in the graph, e.g. `layers.3.q_proj`, `embedding`, `final_norm`;
     `kind` is the role without the layer (`q_proj`), `layer` its index or None.
     `input_rotated` (linears, after FuseRotations): the activation the linear reads is rotated
-    (R1 for readers of the residual stream, R2 for o_proj)."""
+    (R1 for readers of the residual stream, R2 for o_proj). `smoothing` (SmoothUnrotatedInputs):
+    the factor parameter and alpha scaling this linear's output rows or input columns."""
 
     role: str
     kind: str
     layer: int | None = None
     input_rotated: bool | None = None
+    smoothing: str | None = None
 
     def describe(self) -> str:
-        return f"role={self.role}" + (f" input_rotated={self.input_rotated}" if self.input_rotated is not None else "")
+        return (f"role={self.role}" + (f" input_rotated={self.input_rotated}" if self.input_rotated is not None else "")
+                + (f" smoothing={self.smoothing}" if self.smoothing else ""))
 
 
 @dataclass(frozen=True)

@@ -289,6 +289,10 @@ class DecoderDims:
         if query is None or query.dim() != 4:
             raise GraphStructureError("attention query has no [batch, heads, seq, head_dim] shape metadata", attention.name)
         self.head_dim = int(query.shape[-1])
-        self.hidden = int(weight_tensor(gm, by_role["layers.0.q_proj"].args[1]).shape[1])
-        self.heads = int(weight_tensor(gm, by_role["layers.0.q_proj"].args[1]).shape[0]) // self.head_dim
-        self.kv_heads = int(weight_tensor(gm, by_role["layers.0.v_proj"].args[1]).shape[0]) // self.head_dim
+        def shape(role: str) -> torch.Size:  # a plain parameter, or (after FuseRotations) an expression of one
+            weight = by_role[role].args[1]
+            return weight_tensor(gm, weight).shape if weight.op == "get_attr" else tensor_meta(weight).shape
+
+        self.hidden = int(shape("layers.0.q_proj")[1])
+        self.heads = int(shape("layers.0.q_proj")[0]) // self.head_dim
+        self.kv_heads = int(shape("layers.0.v_proj")[0]) // self.head_dim

@@ -15,7 +15,6 @@ a user's `--override` still has the last word. `report` lists every layer's r.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,7 +27,10 @@ from quantnpu.graph.meta import node_info, update_tensor_quant
 from quantnpu.memory import release_freed_memory
 from quantnpu.passes.annotate_roles import AnnotateRoles
 from quantnpu.passes.base import GraphPass, PassResult, require
-from quantnpu.passes.fuse_rotations import FuseRotations, is_rotation_target
+from quantnpu.graph.watch import ValueWatcher
+from quantnpu.passes.fuse_rotations import FuseRotations
+from quantnpu.passes.bake_rotations import baked_copy
+from quantnpu.passes.smooth_inputs import SmoothUnrotatedInputs
 from quantnpu.quantizers.encodings import Encoding
 from quantnpu.quantizers.init_rules import max_min_scale
 from quantnpu.quantizers.observers import RunningStats, float32_exact
@@ -41,40 +43,15 @@ class Sensitivity:
     promoted: bool
 
 
-class _Watch(torch.fx.Interpreter):
-    """Runs the graph and hands the values of `targets` to `visit`."""
-
-    def __init__(self, gm: torch.fx.GraphModule, targets: set[torch.fx.Node], visit) -> None:
-        super().__init__(gm)
-        self.targets, self.visit = targets, visit
-
-    def run_node(self, node: torch.fx.Node):
-        value = super().run_node(node)
-        if node in self.targets:
-            self.visit(node, value)
-        return value
-
-
 def promoted_count(fraction: float, layers: int) -> int:
     """How many of `layers` the top `fraction` is (10% of 30 -> 3; any positive fraction -> >= 1)."""
     return min(layers, math.ceil(round(fraction * layers, 6)))
 
 
-def _rotations_baked(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """The graph to measure on. Before BakeRotations every rotated weight is a graph expression of
-    R1/R2 that each window would recompute (more work than the model itself at short lengths); a
-    baked copy computes the same activations from the weights the final model will have."""
-    if not any(n.op == "get_attr" and is_rotation_target(n.target) for n in gm.graph.nodes):
-        return gm
-    from quantnpu.passes.bake_rotations import BakeRotations
-
-    return BakeRotations()(copy.deepcopy(gm)).graph_module
-
-
 class AssignBitWidths(GraphPass):
     """See the module docstring."""
 
-    run_after = (AnnotateRoles, FuseRotations)
+    run_after = (AnnotateRoles, FuseRotations, SmoothUnrotatedInputs)  # smoothing changes who is sensitive
 
     def __init__(self, calibration: Sequence[torch.Tensor], fraction: float = 0.1, bits: int = 16,
                  progress: bool = False) -> None:
@@ -88,14 +65,14 @@ class AssignBitWidths(GraphPass):
     def _stream(self, gm, inputs: dict[torch.fx.Node, torch.fx.Node], visit, what: str) -> None:
         with torch.no_grad():
             for batch in tqdm(self.calibration, desc=f"sensitivity ({what})", unit="window", disable=not self.progress):
-                _Watch(gm, set(inputs), visit).run(batch)
+                ValueWatcher(gm, set(inputs), visit).run(batch)
                 release_freed_memory()
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         downs = [n for n in gm.graph.nodes if (info := node_info(n)) is not None and info.kind == "down_proj"]
         require(bool(downs), "no down_proj found: run AnnotateRoles first")
         require(bool(self.calibration), "sensitivity needs calibration batches")
-        measured = _rotations_baked(gm)
+        measured = baked_copy(gm)
         by_name = {n.name: n for n in measured.graph.nodes}
         inputs = {by_name[down.args[0].name]: down for down in downs}
         stats = {node: RunningStats() for node in inputs}

@@ -1,4 +1,5 @@
-"""BakeRotations: constant-fold the weight-side rotation ops of FuseRotations.
+"""BakeRotations: constant-fold the weight-side rotation ops of FuseRotations (and the smoothing
+factors of SmoothUnrotatedInputs, folded the same way).
 
 Each rotated weight (or bias) expression is evaluated in float64, cast back to the parameter's
 dtype and written into the parameter it started from, which the consumer reads again directly;
@@ -7,6 +8,8 @@ then the rotation parameters are dropped. Afterwards no rotation op or R paramet
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.fx
 
@@ -14,7 +17,9 @@ from quantnpu.errors import GraphStructureError
 from quantnpu.graph.ops import ancestors
 from quantnpu.passes.base import GraphPass, PassResult
 from quantnpu.passes.fold_constants import evaluate_nodes, input_independent_nodes
-from quantnpu.passes.fuse_rotations import FuseRotations, is_rotation_target
+from quantnpu.passes.folded import is_folded_target
+from quantnpu.passes.fuse_rotations import FuseRotations
+from quantnpu.passes.smooth_inputs import SmoothUnrotatedInputs
 from quantnpu.passes.weights import replace_weight, weight_tensor
 
 
@@ -30,7 +35,7 @@ def _rotation_expressions(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.Node,
 
 
 class BakeRotations(GraphPass):
-    run_after = (FuseRotations,)
+    run_after = (FuseRotations, SmoothUnrotatedInputs)
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         graph = gm.graph
@@ -38,9 +43,9 @@ class BakeRotations(GraphPass):
         for consumer, index in _rotation_expressions(gm):
             expression = consumer.args[index]
             chain = set(ancestors(expression))
-            if not any(n.op == "get_attr" and is_rotation_target(n.target) for n in chain):
+            if not any(n.op == "get_attr" and is_folded_target(n.target) for n in chain):
                 continue  # not a rotation (FoldConstants' business)
-            sources = [n for n in chain if n.op == "get_attr" and not is_rotation_target(n.target)]
+            sources = [n for n in chain if n.op == "get_attr" and not is_folded_target(n.target)]
             if len(sources) != 1:
                 raise GraphStructureError(f"rotated weight reads {len(sources)} parameters, expected 1", expression.name)
             source = sources[0]
@@ -52,12 +57,24 @@ class BakeRotations(GraphPass):
             consumer.update_arg(index, source)
             baked = True
         graph.eliminate_dead_code()
-        for name in [n for n, _ in gm.named_parameters(recurse=False) if is_rotation_target(n)]:
+        for name in [n for n, _ in gm.named_parameters(recurse=False) if is_folded_target(n)]:
             if not any(node.op == "get_attr" and node.target == name for node in graph.nodes):
                 delattr(gm, name)
         return PassResult(gm, baked)
 
     def ensures(self, gm: torch.fx.GraphModule) -> None:
-        left = [n for n in gm.graph.nodes if n.op == "get_attr" and is_rotation_target(n.target)]
+        left = [n for n in gm.graph.nodes if n.op == "get_attr" and is_folded_target(n.target)]
         assert not left, f"rotation parameter {left[0].target} is still read by the graph"
-        assert not any(is_rotation_target(n) for n, _ in gm.named_parameters()), "rotation parameters are still registered"
+        assert not any(is_folded_target(n) for n, _ in gm.named_parameters()), "rotation parameters are still registered"
+
+
+def baked_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """The graph to measure activations on. Before BakeRotations every rotated or smoothed weight
+    is a graph expression that each window would recompute (more work than the model itself at
+    short lengths); a baked copy computes the same activations from the weights the final model
+    will have. `gm` itself when nothing is left to fold."""
+    if not any(n.op == "get_attr" and is_folded_target(n.target) for n in gm.graph.nodes):
+        return gm
+    baked = BakeRotations()(copy.deepcopy(gm)).graph_module
+    baked.recompile()
+    return baked

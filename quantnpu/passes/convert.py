@@ -18,6 +18,7 @@ import torch.fx
 from tqdm import tqdm
 
 from quantnpu.passes.base import GraphPass, PassResult
+from quantnpu.passes.round_weights import RoundWeightsGptq
 from quantnpu.passes.static_calibration import StaticCalibration, encodings_by_tensor
 
 ENCODINGS_META = "quantnpu_encodings"
@@ -26,7 +27,7 @@ ENCODINGS_META = "quantnpu_encodings"
 class ConvertToQdq(GraphPass):
     """The fake-quant graph in, the converted Q/DQ graph with the same encodings out."""
 
-    run_after = (StaticCalibration,)
+    run_after = (StaticCalibration, RoundWeightsGptq)
     preserves_function = False  # verification ends before quantization
 
     def __init__(self, soc: str = "SM8650") -> None:

@@ -30,14 +30,13 @@ from quantnpu.errors import GraphStructureError
 from quantnpu.passes.annotate_roles import AnnotateRoles, DecoderDims
 from quantnpu.passes.base import GraphPass, PassResult
 from quantnpu.passes.fold_norms import FoldNorms, weighted_norms
+from quantnpu.passes.folded import R1_NAME, R2_PREFIX, is_rotation_target  # noqa: F401 (re-exported)
 from quantnpu.graph.meta import LAYER_LINEARS, node_info, nodes_by_role, update_node_info
 from quantnpu.passes.untie_embeddings import UntieEmbeddings, embedding_is_tied
 from quantnpu.passes.weights import add_weight, weight_tensor
 from quantnpu.quantizers.hadamard import rotation_matrix
 
 aten = torch.ops.aten
-R1_NAME = "quantnpu_R1"
-R2_PREFIX = "quantnpu_R2_"
 READERS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 WRITERS = ("o_proj", "down_proj")
 
@@ -60,11 +59,7 @@ def r1_obstruction(gm: torch.fx.GraphModule) -> tuple[torch.fx.Node, str] | None
     return None
 
 
-def is_rotation_target(target: str) -> bool:
-    return target == R1_NAME or target.startswith(R2_PREFIX)
-
-
-class _Builder:
+class WeightOps:
     """Inserts weight-side ops before a consumer node, with meta shapes for the printer."""
 
     def __init__(self, gm: torch.fx.GraphModule, before: torch.fx.Node) -> None:
@@ -115,7 +110,7 @@ class FuseRotations(GraphPass):
         if obstruction is None:
             r1 = self._parameter(gm, graph, first, R1_NAME, rotation_matrix(dims.hidden, self.kind, self.seed, self.strict), dtype)
             embedding = by_role["embedding"]
-            build = _Builder(gm, embedding)
+            build = WeightOps(gm, embedding)
             embedding.args = (build.op(aten.matmul.default, embedding.args[0], r1),) + tuple(embedding.args[1:])
         else:
             self.skipped_r1 = f"%{obstruction[0].name} ({obstruction[1]})"
@@ -146,7 +141,7 @@ class FuseRotations(GraphPass):
 
     @staticmethod
     def _rotate_linear(gm, linear, kind, r1, r2, dims: DecoderDims) -> None:
-        build = _Builder(gm, linear)
+        build = WeightOps(gm, linear)
         weight = linear.args[1]
         bias = linear.args[2] if len(linear.args) > 2 else None
         if weight.op != "get_attr":

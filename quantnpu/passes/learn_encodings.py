@@ -56,6 +56,7 @@ from quantnpu.passes.base import GraphPass, PassResult
 from quantnpu.passes.fuse_rotations import FuseRotations, is_rotation_target
 from quantnpu.passes.insert_observers import residual_stream_rotated, weight_is_rotated
 from quantnpu.passes.plan_bit_widths import linear_bits
+from quantnpu.passes.smooth_inputs import LOG_FACTOR_BOUND, SmoothUnrotatedInputs, smoothing_parameters
 from quantnpu.quantizers.bit_plan import BitPlan
 from quantnpu.quantizers.init_rules import initial_scale, max_min_scale
 from quantnpu.quantizers.learnable import CayleySGD, LearnableQuantizer, orthogonality_error
@@ -67,7 +68,7 @@ SIMULATIONS = ("static", "dynamic")
 LOSSES = ("ce", "kl")
 MODULE_PREFIX = "quantnpu_stage_one_"
 ORTHOGONALITY_TOLERANCE = 1e-5
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,8 @@ class StageOneConfig:
     lr_rotation: float = 0.1        # Cayley SGD (the paper's); the step is also capped at 1/||A||_1 (see below)
     lr_scale: float = 0.01          # relative: one SGD step moves a scale by lr x its own size x its gradient
     momentum: float = 0.0           # for both optimizers
+    learn_smoothing: bool = False   # SmoothUnrotatedInputs' log-factors learned too (plain SGD, `lr_smoothing`)
+    lr_smoothing: float = 0.01      # on log s: one step changes a factor by ~lr x gradient, relatively
     loss: str = "ce"                # "ce": next-token cross-entropy; "kl": KL to the float graph's logits
     init: str = "rule"
     simulate: str = "static"
@@ -110,7 +113,7 @@ class StageOneConfig:
                 raise QuantNpuError(f"stage one: {name} must be at least 1, got {getattr(self, name)}")
         if self.local_steps is not None and not 0 <= self.local_steps <= self.steps:
             raise QuantNpuError(f"stage one: local_steps must be in [0, steps], got {self.local_steps}")
-        for name in ("lr_rotation", "lr_scale", "local_weight", "momentum"):
+        for name in ("lr_rotation", "lr_scale", "local_weight", "momentum", "lr_smoothing"):
             if not getattr(self, name) >= 0:
                 raise QuantNpuError(f"stage one: {name} must be >= 0, got {getattr(self, name)}")
         if self.resume and not self.checkpoint:
@@ -275,7 +278,7 @@ class LearnEncodings(GraphPass):
     `float_step_seconds` (with `measure_float_step`: one float forward+backward of a step's
     windows, quantizers off, the same parameters learned)."""
 
-    run_after = (FuseRotations, AssignBitWidths)
+    run_after = (FuseRotations, SmoothUnrotatedInputs, AssignBitWidths)
 
     def __init__(self, plan: BitPlan, calibration: Sequence[torch.Tensor], config: StageOneConfig = StageOneConfig(),
                  progress: bool = False, legalize: bool = True, measure_float_step: bool = False) -> None:
@@ -356,13 +359,18 @@ class LearnEncodings(GraphPass):
             site.module.enabled = enabled
 
     def _optimizers(self, gm):
+        """(scales and smoothing log-factors, rotations, their SGD (group 0 scales, group 1 smoothing), Cayley SGD)."""
         scales = [s.module.relative for s in self.sites if s.module.relative.requires_grad]
         rotations = [p for _, p in rotation_parameters(gm)] if self.config.lr_rotation > 0 else []
-        for p in rotations:
+        smoothing = [p for _, p in smoothing_parameters(gm)] if self.config.learn_smoothing else []
+        if self.config.learn_smoothing and not smoothing:
+            raise QuantNpuError("stage one: learn_smoothing is set but the graph has no smoothing factors (run SmoothUnrotatedInputs first)")
+        for p in rotations + smoothing:
             p.requires_grad_(True)
-        scale_opt = torch.optim.SGD(scales, lr=self.config.lr_scale, momentum=self.config.momentum) if scales else None
+        groups = [{"params": scales, "lr": self.config.lr_scale}, {"params": smoothing, "lr": self.config.lr_smoothing}]
+        scale_opt = torch.optim.SGD(groups, lr=self.config.lr_scale, momentum=self.config.momentum) if scales or smoothing else None
         rotation_opt = CayleySGD(rotations, lr=self.config.lr_rotation, momentum=self.config.momentum) if rotations else None
-        return scales, rotations, scale_opt, rotation_opt
+        return scales + smoothing, rotations, scale_opt, rotation_opt
 
     def _train(self, gm, checkpoint: dict | None) -> None:
         config = self.config
@@ -385,6 +393,7 @@ class LearnEncodings(GraphPass):
                 factor = 0.5 * (1 + math.cos(math.pi * step / config.steps))  # cosine decay
                 if scale_opt is not None:
                     scale_opt.param_groups[0]["lr"] = config.lr_scale * factor
+                    scale_opt.param_groups[1]["lr"] = config.lr_smoothing * factor
                 if rotation_opt is not None:
                     rotation_opt.param_groups[0]["lr"] = config.lr_rotation * factor
                 use_local = step < config.t_local and config.local_weight > 0
@@ -404,6 +413,9 @@ class LearnEncodings(GraphPass):
                     rotation_opt.step()
                 for site in self.sites:
                     site.module.clamp_()
+                with torch.no_grad():
+                    for _, p in smoothing_parameters(gm):
+                        p.clamp_(-LOG_FACTOR_BOUND, LOG_FACTOR_BOUND)
                 for p in trainable:
                     p.grad = None
                 task_loss, local_loss = float(totals[0]), float(totals[1])
@@ -475,7 +487,8 @@ class LearnEncodings(GraphPass):
 
     def _fingerprint(self, gm) -> dict:
         return {"config": self.config.fingerprint(), "calibration": [tuple(b.shape) for b in self.calibration],
-                "sites": [(s.name, s.bits) for s in self.sites], "rotations": [n for n, _ in rotation_parameters(gm)]}
+                "sites": [(s.name, s.bits) for s in self.sites], "rotations": [n for n, _ in rotation_parameters(gm)],
+                "smoothing": [n for n, _ in smoothing_parameters(gm)]}
 
     def _save_checkpoint(self, gm, step: int, scale_opt, rotation_opt) -> None:
         if rank_and_world()[0] != 0:
@@ -488,6 +501,7 @@ class LearnEncodings(GraphPass):
             "rotations": {name: {k: v.clone() for k, v in rotation_opt.state[p].items()} if rotation_opt is not None else {}
                           for name, p in rotation_parameters(gm)},
             "rotation_values": {name: p.detach().clone() for name, p in rotation_parameters(gm)},
+            "smoothing_values": {name: p.detach().clone() for name, p in smoothing_parameters(gm)},
             "history": [dataclasses.asdict(r) for r in self.history],
         }
         with atomic_path(self.config.checkpoint) as tmp:
@@ -515,6 +529,8 @@ class LearnEncodings(GraphPass):
             for site in self.sites:
                 site.module.initial_scale.copy_(state["initial_scales"][site.name])
                 site.module.relative.copy_(state["relative"][site.name])
+            for name, p in smoothing_parameters(gm):
+                p.copy_(state["smoothing_values"][name])
             for name, p in rotation_parameters(gm):
                 p.copy_(state["rotation_values"][name])
                 if rotation_opt is not None:

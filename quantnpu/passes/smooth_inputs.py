@@ -1,0 +1,363 @@
+"""SmoothUnrotatedInputs: static per-channel smoothing of the linear inputs no rotation reaches,
+folded into the weights on both sides (METHOD.md, "Beyond the paper"; SmoothQuant's factor).
+
+R4 is removed, so down_proj's input `m = act(gate) * up` keeps its outliers; R2 rotates within a
+head but nothing mixes channels across o_proj's input. A factor `s_j > 0` per channel leaves the
+float function unchanged:
+- down_proj: `W_up[j, :] /= s_j` (and its bias), `W_down[:, j] *= s_j` (`m` is linear in `up`);
+- o_proj: `W_v[c, :] /= s_c` for value channel c of KV head g (and its bias), `W_o[:, h*D + c] *= s_c`
+  for every query head h reading KV head g (grouped-query attention: `g = h // (heads / kv_heads)`).
+Each layer's factors are a parameter `quantnpu_S_<layer>_<down|o>` holding `t = log s` (positive by
+construction; stage one may learn it), and each affected weight becomes a graph expression of it,
+like FuseRotations' R1/R2; BakeRotations folds them all into the weights.
+
+Factors from the calibration windows (per-channel max |X_j| of the input, max |W_:,j| of the
+consuming weight as the graph computes it now, i.e. after R1/R2):
+- `fixed`: `s_j = max|X_j|^alpha / max|W_:,j|^(1 - alpha)` with one alpha for every layer;
+- `search`: per layer the alpha of `alphas` whose quantized linear (input and weight at the plan's
+  bits, the initialization rule's scales) has the smallest output error on a sample of calibration
+  rows: the linear's own output error;
+- `global`: one alpha for every layer, the one of `alphas` whose fully quantized model (stage two
+  on a few calibration windows) has the smallest KL to the float model on them: the end-to-end
+  criterion, at one stage-two calibration per alpha (bench/results/smoothing.md compares them).
+A channel that never fires (max |X_j| = 0) or a zero weight column keeps `s_j = 1`. Every factor
+is recorded (`factors`, `report()`); the verifier checks that the function is unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+from tqdm import tqdm
+
+from quantnpu.errors import GraphStructureError, QuantNpuError
+from quantnpu.graph.meta import node_info, nodes_by_role
+from quantnpu.graph.ops import skip_passthrough_backward, skip_passthrough_forward
+from quantnpu.memory import release_freed_memory
+from quantnpu.passes.annotate_roles import AnnotateRoles, DecoderDims, attention_inputs
+from quantnpu.passes.base import GraphPass, PassResult
+from quantnpu.passes.fold_constants import evaluate_nodes
+from quantnpu.passes.folded import SMOOTH_PREFIX, is_rotation_target, is_smoothing_target
+from quantnpu.passes.fuse_rotations import FuseRotations, WeightOps
+from quantnpu.graph.ops import ancestors
+from quantnpu.graph.watch import ValueWatcher
+from quantnpu.graph.meta import update_node_info
+from quantnpu.passes.plan_bit_widths import linear_bits
+from quantnpu.passes.weights import add_weight, weight_tensor
+from quantnpu.quantizers.bit_plan import BitPlan
+from quantnpu.quantizers.init_rules import TensorStats, initial_scale
+
+aten = torch.ops.aten
+SMOOTH_MODES = ("off", "fixed", "search", "global", "learn")
+SMOOTH_TARGETS = ("down_proj", "o_proj")
+LOG_FACTOR_BOUND = math.log(1e5)  # factors stay in [1e-5, 1e5] (stage one clamps the learned ones too)
+
+
+def smoothing_parameters(gm: torch.fx.GraphModule) -> list[tuple[str, torch.nn.Parameter]]:
+    """The log-factor parameters `t = log s` (stage one learns them in `learn` mode)."""
+    return [(name, p) for name, p in gm.named_parameters(recurse=False) if is_smoothing_target(name)]
+
+
+@dataclass(frozen=True)
+class SmoothingConfig:
+    """`mode`: off | fixed | search | global | learn (learn: `fixed` factors as the start, stage one
+    learns them). `alpha`: the fixed migration strength; `alphas`, `global_alphas`: the grids of
+    search and global;
+    `targets`: which inputs; `sample_rows`: calibration rows per layer kept for the search;
+    `global_windows`: calibration windows global quantizes and scores each alpha on."""
+
+    mode: str = "fixed"
+    alpha: float = 0.5
+    alphas: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    targets: tuple[str, ...] = SMOOTH_TARGETS
+    sample_rows: int = 2048
+    global_alphas: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7)  # each costs a stage-two calibration
+    global_windows: int = 4
+
+    def __post_init__(self) -> None:
+        if self.mode not in SMOOTH_MODES:
+            raise QuantNpuError(f"smoothing: unknown mode {self.mode!r}: choose one of {', '.join(SMOOTH_MODES)}")
+        for alpha in (self.alpha, *self.alphas, *self.global_alphas):
+            if not 0.0 <= alpha <= 1.0:
+                raise QuantNpuError(f"smoothing: alpha must be in [0, 1], got {alpha}")
+        if self.global_windows < 1 or self.sample_rows < 1:
+            raise QuantNpuError("smoothing: global_windows and sample_rows must be at least 1")
+        unknown = [t for t in self.targets if t not in SMOOTH_TARGETS]
+        if unknown or not self.targets:
+            raise QuantNpuError(f"smoothing: targets must be among {', '.join(SMOOTH_TARGETS)}, got {', '.join(self.targets) or 'none'}")
+
+
+@dataclass
+class LayerSmoothing:
+    role: str                     # the smoothed linear, e.g. layers.3.down_proj
+    alpha: float
+    factors: torch.Tensor         # s, one per smoothed channel (KV channels for o_proj)
+    input_max_ratio: float        # max|X| / mean_j max|X_j| before smoothing (how spiky the channels are)
+    errors: dict[float, float] = field(default_factory=dict)  # search: alpha -> relative output error
+
+    def describe(self) -> str:
+        spread = f"s in [{float(self.factors.min()):.3g}, {float(self.factors.max()):.3g}]"
+        return f"{self.role:<22} alpha {self.alpha:.2f}  {spread}  input max/mean-max {self.input_max_ratio:.1f}"
+
+
+# ---- structure -------------------------------------------------------------------------------
+
+def _smoothed_pairs(gm: torch.fx.GraphModule, targets: Sequence[str]) -> list[tuple[torch.fx.Node, torch.fx.Node, str]]:
+    """(producer linear whose output rows get 1/s, consumer linear whose input columns get s, kind),
+    each checked to be a place where the scaling commutes exactly."""
+    by_role = nodes_by_role(gm)
+    pairs = []
+    layer = 0
+    while f"layers.{layer}.q_proj" in by_role:
+        if "down_proj" in targets:
+            up, down = by_role[f"layers.{layer}.up_proj"], by_role[f"layers.{layer}.down_proj"]
+            product = skip_passthrough_backward(down.args[0])
+            if product.target != aten.mul.Tensor or sum(skip_passthrough_backward(a) is up for a in product.args) != 1:
+                raise GraphStructureError("down_proj's input is not act(gate) * up: smoothing cannot fold into up_proj", down.name)
+            if skip_passthrough_forward(up) != [product]:
+                raise GraphStructureError("up_proj's output is read outside the gated product: smoothing would change it", up.name)
+            pairs.append((up, down, "down_proj"))
+        if "o_proj" in targets:
+            v, o = by_role[f"layers.{layer}.v_proj"], by_role[f"layers.{layer}.o_proj"]
+            attention = by_role[f"layers.{layer}.attention"]
+            if skip_passthrough_backward(o.args[0]) is not attention:
+                raise GraphStructureError("o_proj does not read the attention output directly: smoothing cannot fold into v_proj", o.name)
+            value = attention_inputs(attention)[2]
+            if skip_passthrough_forward(v) != [attention] or skip_passthrough_backward(value) is not v:
+                raise GraphStructureError("v_proj's output reaches attention through more than layout ops: smoothing would change it", v.name)
+            pairs.append((v, o, "o_proj"))
+        layer += 1
+    return pairs
+
+
+def current_weight(gm: torch.fx.GraphModule, linear: torch.fx.Node) -> torch.Tensor:
+    """The weight the linear reads now, in float64 (a rotated weight is a graph expression: evaluated)."""
+    expression = linear.args[1]
+    if expression.op == "get_attr":
+        return weight_tensor(gm, expression).double()
+    chain = {n for n in ancestors(expression) if n.op == "call_function"}
+    return evaluate_nodes(gm, chain, compute_dtype=torch.float64)[expression].double()
+
+
+def _channel_max(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().abs().reshape(-1, x.shape[-1]).amax(0).double()
+
+
+def _fake_quantize(x: torch.Tensor, scale: torch.Tensor, qmax: int, qmin: int) -> torch.Tensor:
+    return torch.clamp(torch.round(x / scale), qmin, qmax) * scale
+
+
+def _parameter_name(layer: int, kind: str) -> str:
+    return f"{SMOOTH_PREFIX}{layer}_{'down' if kind == 'down_proj' else 'o'}"
+
+
+class SmoothUnrotatedInputs(GraphPass):
+    """See the module docstring. `layers`: one `LayerSmoothing` per smoothed linear after a run."""
+
+    run_after = (AnnotateRoles, FuseRotations)
+
+    def __init__(self, calibration: Sequence[torch.Tensor], config: SmoothingConfig = SmoothingConfig(),
+                 plan: BitPlan | None = None, progress: bool = False) -> None:
+        if config.mode in ("search", "global") and plan is None:
+            raise QuantNpuError(f"smoothing {config.mode} needs the bit plan (the bits it quantizes at)")
+        self.calibration, self.config, self.plan, self.progress = list(calibration), config, plan, progress
+        self.layers: list[LayerSmoothing] = []
+        self.global_kl: dict[float, float] = {}  # global mode: alpha -> calibration KL of the quantized model
+
+    def requires(self, gm: torch.fx.GraphModule) -> None:
+        if any(n.op == "get_attr" and is_smoothing_target(n.target) for n in gm.graph.nodes):
+            raise GraphStructureError("the graph is already smoothed")
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        self.layers, self.global_kl = [], {}
+        if self.config.mode == "off":
+            return PassResult(gm, False)
+        if not self.calibration:
+            raise QuantNpuError("smoothing needs calibration batches")
+        dims = DecoderDims(gm)
+        pairs = _smoothed_pairs(gm, self.config.targets)
+        input_max, samples = self._observe(gm, [consumer for _, consumer, _ in pairs])
+        rotated = any(n.op == "get_attr" and is_rotation_target(n.target) for n in gm.graph.nodes)
+        candidates, errors = {}, {}
+        for producer, consumer, kind in tqdm(pairs, desc="smoothing factors", unit="linear", disable=not self.progress):
+            weight = current_weight(gm, consumer)
+            x_max, w_max = input_max[consumer], weight.abs().amax(0)
+            if kind == "o_proj":  # one factor per KV channel: the max over the query heads reading it
+                x_max, w_max = (self._per_kv_channel(v, dims) for v in (x_max, w_max))
+            candidates[consumer] = self._candidates(x_max, w_max)
+            if self.config.mode == "search":
+                errors[consumer] = {alpha: self._output_error(consumer, weight, samples[consumer], input_max[consumer],
+                                                              self._expand(s, kind, dims), rotated)
+                                    for alpha, s in candidates[consumer].items()}
+        if self.config.mode == "search":
+            chosen = {c: min(e, key=e.get) for c, e in errors.items()}
+        elif self.config.mode == "global":
+            self.global_kl = self._global_kl(gm, pairs, candidates, dims)
+            best = min(self.global_kl, key=self.global_kl.get)
+            chosen = dict.fromkeys(candidates, best)
+        else:
+            chosen = dict.fromkeys(candidates, self.config.alpha)
+        self._fold_all(gm, pairs, {c: candidates[c][chosen[c]] for c in candidates}, dims)
+        for producer, consumer, kind in pairs:
+            info = node_info(consumer)
+            ratio = float(input_max[consumer].max() / input_max[consumer].mean().clamp_min(1e-30))
+            self.layers.append(LayerSmoothing(info.role, chosen[consumer], candidates[consumer][chosen[consumer]].float(),
+                                              ratio, errors.get(consumer, {})))
+            for node in (producer, consumer):
+                update_node_info(node, smoothing=f"{_parameter_name(info.layer, kind)} (alpha {chosen[consumer]:.2f})")
+        return PassResult(gm, bool(pairs))
+
+    def _fold_all(self, gm, pairs, factors, dims) -> None:
+        first = next(iter(gm.graph.nodes))
+        for producer, consumer, kind in pairs:
+            self._fold(gm, first, _parameter_name(node_info(consumer).layer, kind), producer, consumer, factors[consumer], kind, dims)
+
+    def _global_kl(self, gm, pairs, candidates, dims) -> dict[float, float]:
+        """For each alpha of the grid, every layer smoothed with it and quantized by stage two (the
+        plan, no promotion) on the first `global_windows` calibration windows: the mean KL of the
+        quantized model's next-token distribution to the float model's on those windows."""
+        import copy
+
+        import torch.nn.functional as F
+
+        from quantnpu.graph.equivalence import logits_of
+        from quantnpu.passes.bake_rotations import BakeRotations, baked_copy
+        from quantnpu.passes.base import PassManager
+        from quantnpu.pipeline import fake_quant_passes
+
+        windows = self.calibration[: self.config.global_windows]
+        reference = baked_copy(gm)
+        with torch.no_grad():
+            targets = [F.log_softmax(logits_of(reference(w)).float(), -1) for w in windows]
+        del reference
+        found = {}
+        for alpha in tqdm(self.config.global_alphas, desc="smoothing alpha (calibration KL)", unit="alpha", disable=not self.progress):
+            trial = copy.deepcopy(gm)
+            by_name = {n.name: n for n in trial.graph.nodes}
+            trial_pairs = [(by_name[p.name], by_name[c.name], kind) for p, c, kind in pairs]
+            self._fold_all(trial, trial_pairs, {by_name[c.name]: candidates[c][alpha] for _, c, _ in pairs}, dims)
+            passes = [BakeRotations()] + fake_quant_passes(self.plan, windows, progress=False)
+            quantized = PassManager(passes, verify=False).run(trial)
+            total = 0.0
+            with torch.no_grad():
+                for window, target in zip(windows, targets):
+                    log_q = F.log_softmax(logits_of(quantized(window)).float(), -1)
+                    total += float(F.kl_div(log_q.reshape(-1, log_q.shape[-1]), target.reshape(-1, target.shape[-1]),
+                                            log_target=True, reduction="batchmean"))
+            found[alpha] = total / len(windows)
+            del trial, quantized
+            release_freed_memory()
+        return found
+
+    # -- statistics ------------------------------------------------------------------------------
+
+    def _observe(self, gm, consumers):
+        """Per-channel max |X| of each consumer's input over the calibration windows, and (search)
+        an evenly strided sample of its rows."""
+        from quantnpu.passes.bake_rotations import baked_copy
+
+        measured = baked_copy(gm)
+        by_name = {n.name: n for n in measured.graph.nodes}
+        watched = {by_name[c.args[0].name]: c for c in consumers}
+        maxima: dict[torch.fx.Node, torch.Tensor] = {}
+        samples: dict[torch.fx.Node, list[torch.Tensor]] = {c: [] for c in consumers}
+        per_window = math.ceil(self.config.sample_rows / len(self.calibration))
+
+        def visit(node, value):
+            consumer = watched[node]
+            channel = _channel_max(value)
+            maxima[consumer] = channel if consumer not in maxima else torch.maximum(maxima[consumer], channel)
+            if self.config.mode == "search":
+                rows = value.detach().reshape(-1, value.shape[-1])
+                samples[consumer].append(rows[:: max(1, rows.shape[0] // per_window)][:per_window].float().clone())
+
+        with torch.no_grad():
+            for batch in tqdm(self.calibration, desc="smoothing statistics", unit="window", disable=not self.progress):
+                ValueWatcher(measured, set(watched), visit).run(batch)
+                release_freed_memory()
+        return maxima, {c: torch.cat(rows) if rows else None for c, rows in samples.items()}
+
+    # -- factors ---------------------------------------------------------------------------------
+
+    def _candidates(self, x_max: torch.Tensor, w_max: torch.Tensor) -> dict[float, torch.Tensor]:
+        alphas = {"search": self.config.alphas, "global": self.config.global_alphas}.get(self.config.mode, (self.config.alpha,))
+        live = (x_max > 0) & (w_max > 0)
+        found = {}
+        for alpha in alphas:
+            s = torch.ones_like(x_max)
+            s[live] = x_max[live].pow(alpha) / w_max[live].pow(1.0 - alpha)
+            found[alpha] = s.clamp(math.exp(-LOG_FACTOR_BOUND), math.exp(LOG_FACTOR_BOUND))
+        return found
+
+    @staticmethod
+    def _per_kv_channel(values: torch.Tensor, dims: DecoderDims) -> torch.Tensor:
+        group = dims.heads // dims.kv_heads
+        return values.reshape(dims.kv_heads, group, dims.head_dim).amax(1).reshape(-1)
+
+    @staticmethod
+    def _expand(factors: torch.Tensor, kind: str, dims: DecoderDims) -> torch.Tensor:
+        """The factor of every input column of the consumer (o_proj: each query head takes its KV head's)."""
+        if kind == "down_proj":
+            return factors
+        group = dims.heads // dims.kv_heads
+        return factors.reshape(dims.kv_heads, 1, dims.head_dim).expand(dims.kv_heads, group, dims.head_dim).reshape(-1)
+
+    def _output_error(self, consumer, weight, sample, x_max, columns, weight_rotated: bool) -> float:
+        """Relative error of the linear's output on the sampled rows with input and weight quantized
+        at the plan's bits (initialization rule) after smoothing by `columns`."""
+        info = node_info(consumer)
+        input_bits, weight_bits = linear_bits(self.plan, info.role, bool(info.input_rotated))
+        x = sample.double()
+        smoothed_x, smoothed_w = x / columns, weight * columns
+        if bool(info.input_rotated) and input_bits <= 4:
+            x_scale = initial_scale(TensorStats.of(smoothed_x), input_bits, True)
+        else:  # Max-Min over the whole calibration set: its max is known exactly per channel
+            x_scale = (x_max / columns).max() / (2 ** (input_bits - 1) - 1)
+        w_scale = initial_scale(TensorStats.of(smoothed_w, axis=0), weight_bits, weight_rotated).reshape(-1, 1)
+        qmax_x, qmax_w = 2 ** (input_bits - 1) - 1, 2 ** (weight_bits - 1) - 1
+        quantized = _fake_quantize(smoothed_x, x_scale, qmax_x, -qmax_x - 1) @ \
+            _fake_quantize(smoothed_w, w_scale, qmax_w, -qmax_w).T
+        reference = x @ weight.T
+        return float((quantized - reference).norm() / reference.norm().clamp_min(1e-30))
+
+    # -- the rewrite -----------------------------------------------------------------------------
+
+    def _fold(self, gm, first, name, producer, consumer, factors, kind, dims) -> None:
+        """`factors` as a log-factor parameter `name`, divided out of the producer's rows (and bias)
+        and multiplied into the consumer's input columns, as weight-side ops."""
+        dtype = weight_tensor(gm, next(n for n in ancestors(consumer.args[1]) if n.op == "get_attr"
+                                       and not is_rotation_target(n.target))).dtype
+        add_weight(gm, name, factors.log().to(dtype))
+        with gm.graph.inserting_before(first):
+            log_factors = gm.graph.get_attr(name)
+        log_factors.meta["val"] = torch.empty(factors.shape, dtype=dtype, device="meta")
+        # producer rows / s (and its bias)
+        build = WeightOps(gm, producer)
+        inverse = build.op(aten.exp.default, build.op(aten.neg.default, log_factors))
+        rows = build.op(aten.reshape.default, inverse, [-1, 1])
+        weight = build.op(aten.mul.Tensor, producer.args[1], rows)
+        bias = producer.args[2] if len(producer.args) > 2 else None
+        if bias is not None:
+            bias = build.op(aten.mul.Tensor, bias, inverse)
+        producer.args = (producer.args[0], weight) + ((bias,) if bias is not None else ()) + tuple(producer.args[3:])
+        # consumer columns * s
+        build = WeightOps(gm, consumer)
+        scale = build.op(aten.exp.default, log_factors)
+        if kind == "o_proj":
+            group = dims.heads // dims.kv_heads
+            scale = build.op(aten.reshape.default, scale, [dims.kv_heads, 1, dims.head_dim])
+            scale = build.op(aten.expand.default, scale, [dims.kv_heads, group, dims.head_dim])
+        columns = build.op(aten.reshape.default, scale, [1, -1])
+        consumer.args = (consumer.args[0], build.op(aten.mul.Tensor, consumer.args[1], columns)) + tuple(consumer.args[2:])
+
+    def ensures(self, gm: torch.fx.GraphModule) -> None:
+        for name, parameter in smoothing_parameters(gm):
+            assert torch.isfinite(parameter).all(), f"smoothing factors {name} are not finite"
+
+    def report(self) -> str:
+        """One line per smoothed linear: alpha, the range of its factors, how spiky its input was."""
+        return "\n".join(layer.describe() for layer in self.layers)

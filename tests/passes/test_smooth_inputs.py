@@ -1,0 +1,177 @@
+"""SmoothUnrotatedInputs: factors folded into up/down and v/o weights, exact in float (GQA, biases,
+no rotation), a planted outlier channel tamed, the search, and clear errors."""
+
+import copy
+
+import pytest
+import torch
+
+from quantnpu.errors import PassFailedError, QuantNpuError
+from quantnpu.graph.equivalence import logits_of
+from quantnpu.graph.meta import node_info, nodes_by_role
+from quantnpu.passes import BakeRotations, FoldNorms, FuseRotations, PassManager, SmoothingConfig, SmoothUnrotatedInputs, UntieEmbeddings
+from quantnpu.passes.smooth_inputs import smoothing_parameters
+from quantnpu.pipeline import fake_quant_end, pipeline
+from tests.graph_testing import annotated_graph, as_float64, relative_max, run_passes, tiny_graph
+
+
+def _calibration(count: int = 4, seq_len: int = 8, vocab: int = 128) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(3)
+    return [torch.randint(0, vocab, (1, seq_len), generator=generator) for _ in range(count)]
+
+
+def _fused(kind: str = "llama", **config) -> torch.fx.GraphModule:
+    return run_passes(annotated_graph(kind, **config), [UntieEmbeddings(), FoldNorms(), FuseRotations()])
+
+
+def test_smoothing_puts_one_factor_parameter_per_input_on_both_weights():
+    gm = _fused("llama", layers=1)   # 4 query heads, 2 KV heads of 16: GQA groups of 2
+    smoothed = run_passes(copy.deepcopy(gm), [SmoothUnrotatedInputs(_calibration())])
+    params = dict(smoothing_parameters(smoothed))
+    assert set(params) == {"quantnpu_S_0_down", "quantnpu_S_0_o"}
+    assert params["quantnpu_S_0_down"].shape == (128,)      # intermediate channels
+    assert params["quantnpu_S_0_o"].shape == (32,)          # KV channels: 2 heads x 16, not 4 x 16
+    roles = nodes_by_role(smoothed)
+    for role, side in (("up_proj", "rows"), ("down_proj", "columns"), ("v_proj", "rows"), ("o_proj", "columns")):
+        linear = roles[f"layers.0.{role}"]
+        assert node_info(linear).smoothing.startswith("quantnpu_S_0_"), role
+        ops = {n.target for n in _weight_expression(linear.args[1])}
+        assert torch.ops.aten.exp.default in ops and torch.ops.aten.mul.Tensor in ops, (role, side)
+    # the rest of the graph is untouched: same linears read the same activations
+    for before, after in zip(nodes_by_role(gm).items(), roles.items()):
+        assert before[0] == after[0] and before[1].args[0].name == after[1].args[0].name
+
+
+def _weight_expression(node):
+    stack, seen = [node], []
+    while stack:
+        current = stack.pop()
+        if current.op == "call_function":
+            seen.append(current)
+            stack.extend(current.all_input_nodes)
+    return seen
+
+
+@pytest.mark.parametrize("kind,config", [("llama", {}), ("qwen2", {}), ("llama", {"heads": 4, "kv_heads": 1})])
+@pytest.mark.parametrize("mode", ["fixed", "search"])
+def test_smoothing_is_exact_in_float64_and_after_baking(kind, config, mode):
+    gm = _fused(kind, layers=2, **config)
+    reference = logits_of(as_float64(gm)(torch.arange(8).reshape(1, 8)))
+    smoothing = SmoothUnrotatedInputs(_calibration(), SmoothingConfig(mode=mode), plan=_plan("8-8-8"))
+    # the PassManager's verifier checks the float function after the pass too
+    baked = run_passes(copy.deepcopy(gm), [smoothing, BakeRotations()])
+    assert not smoothing_parameters(baked)
+    logits = logits_of(as_float64(baked)(torch.arange(8).reshape(1, 8)))
+    assert relative_max(logits, reference) < 1e-6
+    factors = torch.cat([layer.factors for layer in smoothing.layers])
+    assert (factors > 0).all() and not torch.allclose(factors, torch.ones_like(factors))
+
+
+def test_smoothing_without_rotations_is_folded_by_the_pipeline():
+    passes = pipeline("8-8-8", _calibration(), rotate="none", smoothing=SmoothingConfig())
+    names = [p.name for p in passes]
+    assert names.index("SmoothUnrotatedInputs") < names.index("BakeRotations") < names.index("PrepareForQnn")
+    gm = tiny_graph("llama", layers=1)
+    fq = PassManager(passes, stop_after=fake_quant_end(passes)).run(copy.deepcopy(gm))
+    assert not smoothing_parameters(fq)
+
+
+def _plan(text):
+    from quantnpu.quantizers.bit_plan import BitPlan
+
+    return BitPlan.parse(text)
+
+
+def _fake_quant_error(gm, smoothing: SmoothingConfig | None, calibration, windows) -> float:
+    passes = pipeline("8-8-8", calibration, smoothing=smoothing)
+    fq = PassManager(passes, stop_after=fake_quant_end(passes)).run(copy.deepcopy(gm))
+    errors = []
+    for window in windows:
+        reference = logits_of(gm(window))
+        errors.append(float((logits_of(fq(window)) - reference).norm() / reference.norm()))
+    return sum(errors) / len(errors)
+
+
+def test_smoothing_lowers_the_quantized_error_of_a_planted_outlier_channel():
+    gm = tiny_graph("llama", layers=2, seq_len=16)
+    # One intermediate channel of layer 1 made 64x larger on down_proj's input and its weight column
+    # 64x smaller: the float function is the same, the 8-bit down_proj input loses its resolution.
+    state = dict(gm.named_parameters())
+    up = next(p for n, p in state.items() if "layers.1." in n and "up_proj" in n)
+    down = next(p for n, p in state.items() if "layers.1." in n and "down_proj" in n)
+    with torch.no_grad():
+        up[5] *= 64.0
+        down[:, 5] /= 64.0
+    calibration, windows = _calibration(6, 16), _calibration(3, 16)
+    plain = _fake_quant_error(gm, None, calibration, windows)
+    smoothed = _fake_quant_error(gm, SmoothingConfig(alpha=0.5), calibration, windows)
+    assert smoothed < 0.7 * plain, (smoothed, plain)
+
+
+def test_search_picks_each_layers_alpha_by_its_output_error():
+    gm = _fused("llama", layers=2)
+    smoothing = SmoothUnrotatedInputs(_calibration(), SmoothingConfig(mode="search", alphas=(0.0, 0.5, 1.0)), plan=_plan("4-8-8"))
+    run_passes(gm, [smoothing])
+    for layer in smoothing.layers:
+        assert set(layer.errors) == {0.0, 0.5, 1.0}
+        assert layer.alpha == min(layer.errors, key=layer.errors.get)
+    assert "alpha" in smoothing.report()
+
+
+def test_global_picks_one_alpha_for_every_layer_by_the_quantized_models_calibration_kl():
+    gm = _fused("llama", layers=2, seq_len=16)
+    smoothing = SmoothUnrotatedInputs(_calibration(4, 16), SmoothingConfig(mode="global", global_alphas=(0.0, 0.5, 0.9), global_windows=2),
+                                      plan=_plan("8-8-8"))
+    reference = logits_of(as_float64(gm)(torch.arange(16).reshape(1, 16)))
+    smoothed = run_passes(gm, [smoothing])   # verified: the chosen factors keep the float function
+    assert set(smoothing.global_kl) == {0.0, 0.5, 0.9} and all(kl > 0 for kl in smoothing.global_kl.values())
+    best = min(smoothing.global_kl, key=smoothing.global_kl.get)
+    assert {layer.alpha for layer in smoothing.layers} == {best}
+    assert relative_max(logits_of(as_float64(smoothed)(torch.arange(16).reshape(1, 16))), reference) < 1e-6
+
+
+def test_bad_settings_and_second_smoothing_are_one_line_errors():
+    with pytest.raises(QuantNpuError, match="alpha must be in"):
+        SmoothingConfig(alpha=1.5)
+    with pytest.raises(QuantNpuError, match="unknown mode 'loud'"):
+        SmoothingConfig(mode="loud")
+    with pytest.raises(QuantNpuError, match="targets must be among"):
+        SmoothingConfig(targets=("q_proj",))
+    with pytest.raises(QuantNpuError, match="search needs the bit plan"):
+        SmoothUnrotatedInputs(_calibration(), SmoothingConfig(mode="search"))
+    gm = run_passes(_fused("llama"), [SmoothUnrotatedInputs(_calibration())])
+    with pytest.raises(PassFailedError, match="already smoothed"):
+        run_passes(gm, [SmoothUnrotatedInputs(_calibration())])
+
+
+def test_up_proj_read_outside_the_gated_product_is_refused_naming_it():
+    gm = _fused("llama")
+    up = nodes_by_role(gm)["layers.0.up_proj"]
+    # a second reader of up_proj's output: scaling its rows would change that reader
+    with gm.graph.inserting_after(up):
+        extra = gm.graph.call_function(torch.ops.aten.neg.default, (up,))
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    output.args = (tuple(output.args[0]) + (extra,),) if isinstance(output.args[0], (tuple, list)) else ((output.args[0], extra),)
+    gm.recompile()
+    with pytest.raises(PassFailedError, match=rf"%{up.name}.*up_proj's output is read outside the gated product"):
+        PassManager([SmoothUnrotatedInputs(_calibration())], verify=False).run(gm)
+
+
+def test_learned_smoothing_moves_the_factors_in_stage_one_and_keeps_the_function():
+    from quantnpu.passes.learn_encodings import LearnEncodings, StageOneConfig
+
+    calibration = _calibration(4, 16)
+    gm = tiny_graph("llama", layers=2, seq_len=16)
+    passes = pipeline("4-8-8", calibration, smoothing=SmoothingConfig(mode="learn"),
+                      stage_one=StageOneConfig(steps=4, lr_smoothing=0.5))
+    learner = next(p for p in passes if isinstance(p, LearnEncodings))
+    assert learner.config.learn_smoothing
+    smoothing = next(p for p in passes if isinstance(p, SmoothUnrotatedInputs))
+    # stop before baking: the learned log-factors are still parameters (the verifier has checked the function)
+    fused = PassManager(passes, stop_after="LearnEncodings").run(copy.deepcopy(gm))
+    learned = dict(smoothing_parameters(fused))
+    for layer in smoothing.layers:
+        name = f"quantnpu_S_{layer.role.split('.')[1]}_{'down' if layer.role.endswith('down_proj') else 'o'}"
+        assert not torch.allclose(learned[name].exp(), layer.factors, rtol=1e-4), name
+    with pytest.raises(QuantNpuError, match="learns the factors in stage one"):
+        pipeline("4-8-8", calibration, smoothing=SmoothingConfig(mode="learn"))
