@@ -6,9 +6,10 @@ Each row is `BITS:PROMOTION:SMOOTHING:ROUNDING[:stage1]`:
 - PROMOTION `p0`, `p10` (the most sensitive 10% of down_proj inputs at 16 bits, ranked after
   smoothing) or `p100` (every down_proj input at 16 bits);
 - SMOOTHING `off`, `fixed` (alpha 0.5) or `fixedA` (e.g. `fixed0.7`: one alpha for every layer),
-  `search` (per layer, the alpha with the smallest quantized output error of that linear),
+  `search` (per layer, the alpha with the smallest quantized output error of that linear, with the
+  producer's quantized output in the model; `search-linear`: the linear's input and weight only),
   `global` (one alpha, the one whose quantized model has the smallest calibration KL to float),
-  `learn` (the fixed factors as the start, learned in stage one);
+  `learn` (the search's factors as the start, learned in stage one);
 - ROUNDING `nearest` or `gptq` (the weights of at most 4 bits; `gptq8`: the 8-bit ones too);
 - `stage1`: stage one (selective, 32 steps, the defaults of `StageOneConfig`) before stage two.
 Rotated (random Hadamard R1/R2) in every row. Everything goes through `quantnpu.pipeline.pipeline`.
@@ -71,16 +72,18 @@ def parse_row(text: str) -> dict:
     BitPlan.parse(bits)
     if promotion not in ("p0", "p10", "p100"):
         raise ValueError(f"row {text!r}: promotion is p0, p10 or p100")
-    alpha = 0.5
+    alpha, criterion = 0.5, "producer"
     mode = smoothing
+    if smoothing == "search-linear":
+        mode, criterion = "search", "linear"
     if smoothing.startswith("fixed") and smoothing != "fixed":
         mode, alpha = "fixed", float(smoothing.removeprefix("fixed"))
-    SmoothingConfig(mode=mode, alpha=alpha)
+    SmoothingConfig(mode=mode, alpha=alpha, search_criterion=criterion)
     if rounding not in ("nearest", "gptq", "gptq8"):
         raise ValueError(f"row {text!r}: rounding is nearest, gptq or gptq8")
     if mode == "learn" and len(parts) == 4:
         raise ValueError(f"row {text!r}: learned smoothing needs stage1")
-    return {"row": text, "bits": bits, "promotion": promotion, "smoothing": smoothing, "mode": mode, "alpha": alpha,
+    return {"row": text, "bits": bits, "promotion": promotion, "smoothing": smoothing, "mode": mode, "alpha": alpha, "criterion": criterion,
             "rounding": rounding, "stage_one": len(parts) == 5}
 
 
@@ -90,7 +93,7 @@ def passes_for(row: dict, calibration, stage_one: StageOneConfig) -> tuple[list,
     passes = pipeline(
         plan, calibration, "hadamard", progress=True, promote_fraction=0.1 if row["promotion"] == "p10" else 0.0,
         stage_one=stage_one if row["stage_one"] else None,
-        smoothing=SmoothingConfig(mode=row["mode"], alpha=row["alpha"]),
+        smoothing=SmoothingConfig(mode=row["mode"], alpha=row["alpha"], search_criterion=row.get("criterion", "producer")),
         weight_rounding="nearest" if row["rounding"] == "nearest" else "gptq", gptq_bits=8 if row["rounding"] == "gptq8" else 4)
     return passes, plan
 
@@ -116,7 +119,7 @@ def run_row(graph, row: dict, calibration, stage_one: StageOneConfig):
                          "mean_gptq_error": sum(min(r.gptq_error, r.nearest_error) for r in gptq.layers) / max(len(gptq.layers), 1)}
     learner = find_pass(passes, LearnEncodings)
     if learner is not None:
-        facts["stage_one"] = {"steps": len(learner.history), "seconds_per_step": round(sum(r.seconds for r in learner.history) / len(learner.history), 3),
+        facts["stage_one_run"] = {"steps": len(learner.history), "seconds_per_step": round(sum(r.seconds for r in learner.history) / len(learner.history), 3),
                               "loss_first": learner.history[0].task_loss, "loss_last": learner.history[-1].task_loss}
     facts["sixteen_bit_linear_inputs"] = sixteen_bit_linear_inputs(row, promotion)
     return fq, plan, facts
@@ -173,7 +176,7 @@ def write(results: dict, out: Path) -> None:
         for r in tuned:
             lines.append(f"- {r['row']}: " + ", ".join(f"alpha {a}: {kl:.4f}" for a, kl in r["global_kl"].items()))
         lines.append("")
-    searched = [r for r in results["rows"] if r["smoothing"] == "search" and r.get("smoothing_layers")]
+    searched = [r for r in results["rows"] if r["smoothing"].startswith("search") and r.get("smoothing_layers")]
     if searched:
         lines += ["## Alphas the search chose (down_proj / o_proj, layer order)", ""]
         for r in searched:

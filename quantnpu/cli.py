@@ -100,9 +100,9 @@ def _lower_parser() -> argparse.ArgumentParser:
     beyond.add_argument("--smooth", choices=SMOOTH_MODES, default=DEFAULT_SMOOTH,
                         help=f"per-channel smoothing of down_proj's and o_proj's inputs, folded into up/down and v/o: off, fixed (one alpha), "
                              f"search (per layer, by the linear's quantized output error), global (one alpha, by the quantized model's "
-                             f"calibration KL), learn (fixed, then learned in stage one) (default {DEFAULT_SMOOTH})")
+                             f"calibration KL), learn (search, then learned in stage one) (default {DEFAULT_SMOOTH})")
     beyond.add_argument("--smooth-alpha", type=float, default=SmoothingConfig.alpha, metavar="A",
-                        help=f"migration strength of --smooth fixed/learn, in [0, 1] (default {SmoothingConfig.alpha})")
+                        help=f"migration strength of --smooth fixed, in [0, 1] (default {SmoothingConfig.alpha})")
     beyond.add_argument("--weight-rounding", choices=WEIGHT_ROUNDING, default="nearest",
                         help="nearest (default) or gptq: the weights of at most --gptq-bits bits re-rounded with the calibration inputs, same scales")
     beyond.add_argument("--gptq-bits", type=int, default=4, choices=(4, 8), help="GPTQ rounds weights of at most this many bits (default 4)")

@@ -17,6 +17,9 @@ the rotation parameters.
    first `local_steps` steps; SGD with cosine decay on the scales (relative parametrization, see
    `quantizers/learnable.py`), Cayley SGD on R1/R2. `simulate="dynamic"`: activations quantized per
    token during training (SpinQuant's way); their static encodings then come from stage two.
+   With `learn_smoothing` (SmoothUnrotatedInputs' `learn` mode) the smoothing log-factors are
+   learned too (SGD, `lr_smoothing`, bounded) and down_proj's smoothed input becomes a site, so the
+   factors see the 8-bit error they are to reduce; BakeRotations folds them afterwards.
    Under `torchrun` (torch.distributed initialized) each rank takes its share of every step's
    windows and gradients are summed across ranks. Checkpoints every `checkpoint_every` steps
    (atomic), `resume` continues bit-identically, Ctrl-C finishes the step, checkpoints and says how
@@ -161,8 +164,10 @@ def _linears(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
 
 
 def stage_one_sites(gm: torch.fx.GraphModule, plan: BitPlan, optimize: str = "selective",
-                    legalize: bool = True) -> list[QuantizerSite]:
-    """The quantizer sites of stage one (see the module docstring), in graph order."""
+                    legalize: bool = True, smoothed_inputs: bool = False) -> list[QuantizerSite]:
+    """The quantizer sites of stage one (see the module docstring), in graph order.
+    `smoothed_inputs`: the inputs SmoothUnrotatedInputs smoothed are sites too (down_proj's; o_proj's
+    is one already), so that learned smoothing factors see the error they are to reduce."""
     stream_rotated = residual_stream_rotated(gm)
     inputs: dict[tuple[torch.fx.Node, int], QuantizerSite] = {}
     weights: list[QuantizerSite] = []
@@ -176,7 +181,7 @@ def stage_one_sites(gm: torch.fx.GraphModule, plan: BitPlan, optimize: str = "se
         if record is not None and record.promoted_input_bits:
             promoted = (record.promoted_input_bits, "promoted")
         input_bits, weight_bits = linear_bits(plan, info.role, bool(info.input_rotated), promoted, legalize)
-        if info.input_rotated or optimize == "joint":
+        if info.input_rotated or optimize == "joint" or (smoothed_inputs and info.smoothing is not None and info.kind == "down_proj"):
             key = (linear.args[0], input_bits)
             if key not in inputs:
                 inputs[key] = QuantizerSite("input", linear.args[0], [], input_bits, bool(info.input_rotated), learn)
@@ -190,9 +195,9 @@ def stage_one_sites(gm: torch.fx.GraphModule, plan: BitPlan, optimize: str = "se
 
 
 def insert_stage_one_quantizers(gm: torch.fx.GraphModule, plan: BitPlan, optimize: str = "selective",
-                                legalize: bool = True, simulate: str = "static") -> list[QuantizerSite]:
+                                legalize: bool = True, simulate: str = "static", smoothed_inputs: bool = False) -> list[QuantizerSite]:
     """Put a `LearnableQuantizer` (scale 1 until `initialize_scales`) on every site; returns the sites."""
-    sites = stage_one_sites(gm, plan, optimize, legalize)
+    sites = stage_one_sites(gm, plan, optimize, legalize, smoothed_inputs)
     for site in sites:
         if site.what == "weight":
             channels = site.source.meta["val"].shape[0]
@@ -304,7 +309,8 @@ class LearnEncodings(GraphPass):
         trainable_before = {name: p.requires_grad for name, p in gm.named_parameters()}
         for p in gm.parameters():
             p.requires_grad_(False)
-        self.sites = insert_stage_one_quantizers(gm, self.plan, config.optimize, self.legalize, config.simulate)
+        self.sites = insert_stage_one_quantizers(gm, self.plan, config.optimize, self.legalize, config.simulate,
+                                                 smoothed_inputs=config.learn_smoothing)
         try:
             checkpoint = self._load_checkpoint(gm) if config.resume else None
             if checkpoint is None:

@@ -14,12 +14,15 @@ like FuseRotations' R1/R2; BakeRotations folds them all into the weights.
 Factors from the calibration windows (per-channel max |X_j| of the input, max |W_:,j| of the
 consuming weight as the graph computes it now, i.e. after R1/R2):
 - `fixed`: `s_j = max|X_j|^alpha / max|W_:,j|^(1 - alpha)` with one alpha for every layer;
-- `search`: per layer the alpha of `alphas` whose quantized linear (input and weight at the plan's
-  bits, the initialization rule's scales) has the smallest output error on a sample of calibration
-  rows: the linear's own output error;
+- `search`: per layer the alpha of `alphas` with the smallest output error of the smoothed linear on
+  a sample of calibration rows, with everything the factor rescales quantized at the plan's bits
+  (the initialization rule's scales): the producer's output (up_proj's; V), the linear's input and
+  its weight. (Without the producer's output the criterion picks alpha ~0.9 almost everywhere and
+  ends worse than one fixed 0.5: the factor squashes up_proj's outlier channels below their 8-bit step.)
 - `global`: one alpha for every layer, the one of `alphas` whose fully quantized model (stage two
   on a few calibration windows) has the smallest KL to the float model on them: the end-to-end
-  criterion, at one stage-two calibration per alpha (bench/results/smoothing.md compares them).
+  criterion, at one stage-two calibration per alpha (bench/results/smoothing.md compares them);
+- `learn`: the search's factors, then learned in stage one (LearnEncodings, `learn_smoothing`).
 A channel that never fires (max |X_j| = 0) or a zero weight column keeps `s_j = 1`. Every factor
 is recorded (`factors`, `report()`); the verifier checks that the function is unchanged.
 """
@@ -35,17 +38,15 @@ import torch.fx
 from tqdm import tqdm
 
 from quantnpu.errors import GraphStructureError, QuantNpuError
-from quantnpu.graph.meta import node_info, nodes_by_role
-from quantnpu.graph.ops import skip_passthrough_backward, skip_passthrough_forward
+from quantnpu.graph.meta import node_info, nodes_by_role, update_node_info
+from quantnpu.graph.ops import ancestors, skip_passthrough_backward, skip_passthrough_forward
+from quantnpu.graph.watch import ValueWatcher
 from quantnpu.memory import release_freed_memory
 from quantnpu.passes.annotate_roles import AnnotateRoles, DecoderDims, attention_inputs
 from quantnpu.passes.base import GraphPass, PassResult
 from quantnpu.passes.fold_constants import evaluate_nodes
 from quantnpu.passes.folded import SMOOTH_PREFIX, is_rotation_target, is_smoothing_target
 from quantnpu.passes.fuse_rotations import FuseRotations, WeightOps
-from quantnpu.graph.ops import ancestors
-from quantnpu.graph.watch import ValueWatcher
-from quantnpu.graph.meta import update_node_info
 from quantnpu.passes.plan_bit_widths import linear_bits
 from quantnpu.passes.weights import add_weight, weight_tensor
 from quantnpu.quantizers.bit_plan import BitPlan
@@ -64,17 +65,19 @@ def smoothing_parameters(gm: torch.fx.GraphModule) -> list[tuple[str, torch.nn.P
 
 @dataclass(frozen=True)
 class SmoothingConfig:
-    """`mode`: off | fixed | search | global | learn (learn: `fixed` factors as the start, stage one
-    learns them). `alpha`: the fixed migration strength; `alphas`, `global_alphas`: the grids of
+    """`mode`: off | fixed | search | global | learn (learn: the search's factors as the start,
+    stage one learns them). `alpha`: the fixed migration strength; `alphas`, `global_alphas`: the grids of
     search and global;
     `targets`: which inputs; `sample_rows`: calibration rows per layer kept for the search;
-    `global_windows`: calibration windows global quantizes and scores each alpha on."""
+    `global_windows`: calibration windows global quantizes and scores each alpha on;
+    `search_criterion`: "producer" (default) or "linear" (the linear alone, see the module doc)."""
 
     mode: str = "fixed"
     alpha: float = 0.5
     alphas: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
     targets: tuple[str, ...] = SMOOTH_TARGETS
     sample_rows: int = 2048
+    search_criterion: str = "producer"  # "linear": the linear's input and weight only (the ablation)
     global_alphas: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7)  # each costs a stage-two calibration
     global_windows: int = 4
 
@@ -84,6 +87,8 @@ class SmoothingConfig:
         for alpha in (self.alpha, *self.alphas, *self.global_alphas):
             if not 0.0 <= alpha <= 1.0:
                 raise QuantNpuError(f"smoothing: alpha must be in [0, 1], got {alpha}")
+        if self.search_criterion not in ("producer", "linear"):
+            raise QuantNpuError(f"smoothing: search criterion must be producer or linear, got {self.search_criterion!r}")
         if self.global_windows < 1 or self.sample_rows < 1:
             raise QuantNpuError("smoothing: global_windows and sample_rows must be at least 1")
         unknown = [t for t in self.targets if t not in SMOOTH_TARGETS]
@@ -162,11 +167,16 @@ class SmoothUnrotatedInputs(GraphPass):
 
     def __init__(self, calibration: Sequence[torch.Tensor], config: SmoothingConfig = SmoothingConfig(),
                  plan: BitPlan | None = None, progress: bool = False) -> None:
-        if config.mode in ("search", "global") and plan is None:
+        if config.mode in ("search", "global", "learn") and plan is None:
             raise QuantNpuError(f"smoothing {config.mode} needs the bit plan (the bits it quantizes at)")
         self.calibration, self.config, self.plan, self.progress = list(calibration), config, plan, progress
         self.layers: list[LayerSmoothing] = []
         self.global_kl: dict[float, float] = {}  # global mode: alpha -> calibration KL of the quantized model
+
+    @property
+    def _choice(self) -> str:
+        """How the factors are chosen: learn starts from the search's (stage one refines them)."""
+        return "search" if self.config.mode == "learn" else self.config.mode
 
     def requires(self, gm: torch.fx.GraphModule) -> None:
         if any(n.op == "get_attr" and is_smoothing_target(n.target) for n in gm.graph.nodes):
@@ -180,7 +190,8 @@ class SmoothUnrotatedInputs(GraphPass):
             raise QuantNpuError("smoothing needs calibration batches")
         dims = DecoderDims(gm)
         pairs = _smoothed_pairs(gm, self.config.targets)
-        input_max, samples = self._observe(gm, [consumer for _, consumer, _ in pairs])
+        maxima, samples = self._observe(gm, pairs)
+        input_max = {c: maxima[(c, "input")] for _, c, _ in pairs}
         rotated = any(n.op == "get_attr" and is_rotation_target(n.target) for n in gm.graph.nodes)
         candidates, errors = {}, {}
         for producer, consumer, kind in tqdm(pairs, desc="smoothing factors", unit="linear", disable=not self.progress):
@@ -189,13 +200,12 @@ class SmoothUnrotatedInputs(GraphPass):
             if kind == "o_proj":  # one factor per KV channel: the max over the query heads reading it
                 x_max, w_max = (self._per_kv_channel(v, dims) for v in (x_max, w_max))
             candidates[consumer] = self._candidates(x_max, w_max)
-            if self.config.mode == "search":
-                errors[consumer] = {alpha: self._output_error(consumer, weight, samples[consumer], input_max[consumer],
-                                                              self._expand(s, kind, dims), rotated)
+            if self._choice == "search":
+                errors[consumer] = {alpha: self._output_error(consumer, kind, weight, samples, maxima, s, dims, rotated)
                                     for alpha, s in candidates[consumer].items()}
-        if self.config.mode == "search":
+        if self._choice == "search":
             chosen = {c: min(e, key=e.get) for c, e in errors.items()}
-        elif self.config.mode == "global":
+        elif self._choice == "global":
             self.global_kl = self._global_kl(gm, pairs, candidates, dims)
             best = min(self.global_kl, key=self.global_kl.get)
             chosen = dict.fromkeys(candidates, best)
@@ -255,36 +265,46 @@ class SmoothUnrotatedInputs(GraphPass):
 
     # -- statistics ------------------------------------------------------------------------------
 
-    def _observe(self, gm, consumers):
-        """Per-channel max |X| of each consumer's input over the calibration windows, and (search)
-        an evenly strided sample of its rows."""
+    def _observe(self, gm, pairs) -> tuple[dict, dict]:
+        """Per-channel max |x| over the calibration windows of each consumer's input ("input") and
+        each producer's output ("producer"), keyed (consumer, what); for the search also an evenly
+        strided sample of their rows, the same rows of each, and of the gate activation ("gate")
+        that multiplies up_proj's output."""
         from quantnpu.passes.bake_rotations import baked_copy
 
         measured = baked_copy(gm)
         by_name = {n.name: n for n in measured.graph.nodes}
-        watched = {by_name[c.args[0].name]: c for c in consumers}
-        maxima: dict[torch.fx.Node, torch.Tensor] = {}
-        samples: dict[torch.fx.Node, list[torch.Tensor]] = {c: [] for c in consumers}
+        watched: dict[torch.fx.Node, list[tuple[torch.fx.Node, str]]] = {}
+        for producer, consumer, kind in pairs:
+            watched.setdefault(by_name[consumer.args[0].name], []).append((consumer, "input"))
+            watched.setdefault(by_name[producer.name], []).append((consumer, "producer"))
+            if kind == "down_proj":
+                product = skip_passthrough_backward(consumer.args[0])
+                gate = next(a for a in product.args if skip_passthrough_backward(a) is not producer)
+                watched.setdefault(by_name[gate.name], []).append((consumer, "gate"))
+        maxima: dict[tuple, torch.Tensor] = {}
+        samples: dict[tuple, list[torch.Tensor]] = {}
         per_window = math.ceil(self.config.sample_rows / len(self.calibration))
 
         def visit(node, value):
-            consumer = watched[node]
-            channel = _channel_max(value)
-            maxima[consumer] = channel if consumer not in maxima else torch.maximum(maxima[consumer], channel)
-            if self.config.mode == "search":
-                rows = value.detach().reshape(-1, value.shape[-1])
-                samples[consumer].append(rows[:: max(1, rows.shape[0] // per_window)][:per_window].float().clone())
+            for key in watched[node]:
+                if key[1] != "gate":
+                    channel = _channel_max(value)
+                    maxima[key] = channel if key not in maxima else torch.maximum(maxima[key], channel)
+                if self._choice == "search":
+                    rows = value.detach().reshape(-1, value.shape[-1])
+                    samples.setdefault(key, []).append(rows[:: max(1, rows.shape[0] // per_window)][:per_window].float().clone())
 
         with torch.no_grad():
             for batch in tqdm(self.calibration, desc="smoothing statistics", unit="window", disable=not self.progress):
                 ValueWatcher(measured, set(watched), visit).run(batch)
                 release_freed_memory()
-        return maxima, {c: torch.cat(rows) if rows else None for c, rows in samples.items()}
+        return maxima, {key: torch.cat(rows) for key, rows in samples.items()}
 
     # -- factors ---------------------------------------------------------------------------------
 
     def _candidates(self, x_max: torch.Tensor, w_max: torch.Tensor) -> dict[float, torch.Tensor]:
-        alphas = {"search": self.config.alphas, "global": self.config.global_alphas}.get(self.config.mode, (self.config.alpha,))
+        alphas = {"search": self.config.alphas, "global": self.config.global_alphas}.get(self._choice, (self.config.alpha,))
         live = (x_max > 0) & (w_max > 0)
         found = {}
         for alpha in alphas:
@@ -306,17 +326,31 @@ class SmoothUnrotatedInputs(GraphPass):
         group = dims.heads // dims.kv_heads
         return factors.reshape(dims.kv_heads, 1, dims.head_dim).expand(dims.kv_heads, group, dims.head_dim).reshape(-1)
 
-    def _output_error(self, consumer, weight, sample, x_max, columns, weight_rotated: bool) -> float:
-        """Relative error of the linear's output on the sampled rows with input and weight quantized
-        at the plan's bits (initialization rule) after smoothing by `columns`."""
+    def _output_error(self, consumer, kind, weight, samples, maxima, factors, dims, weight_rotated: bool) -> float:
+        """Relative error of the consumer's output on the sampled rows after smoothing by `factors`,
+        with what the smoothing changes quantized at the plan's bits (initialization rule): the
+        producer's output (up_proj's 8-bit output, read through the gate product; V at KV bits,
+        whose attention average o_proj reads, modelled as o/s on V's grid), the consumer's input
+        and its weight."""
         info = node_info(consumer)
         input_bits, weight_bits = linear_bits(self.plan, info.role, bool(info.input_rotated))
-        x = sample.double()
-        smoothed_x, smoothed_w = x / columns, weight * columns
+        columns = self._expand(factors, kind, dims)
+        x = samples[(consumer, "input")].double()
+        if self.config.search_criterion == "linear":
+            smoothed_x = x / columns
+        elif kind == "down_proj":
+            producer_bits, _ = self.plan.tensor_bits([info.role.replace("down_proj", "up_proj") + ".output"])
+            up = samples[(consumer, "producer")].double() / factors
+            up_step = (maxima[(consumer, "producer")] / factors).max() / (2 ** (producer_bits - 1) - 1)
+            smoothed_x = samples[(consumer, "gate")].double() * _fake_quantize(up, up_step, 2 ** (producer_bits - 1) - 1, -2 ** (producer_bits - 1))
+        else:
+            v_step = (maxima[(consumer, "producer")] / factors).max() / (2 ** (self.plan.kv - 1) - 1)
+            smoothed_x = _fake_quantize(x / columns, v_step, 2 ** (self.plan.kv - 1) - 1, -2 ** (self.plan.kv - 1))
+        smoothed_w = weight * columns
         if bool(info.input_rotated) and input_bits <= 4:
             x_scale = initial_scale(TensorStats.of(smoothed_x), input_bits, True)
-        else:  # Max-Min over the whole calibration set: its max is known exactly per channel
-            x_scale = (x_max / columns).max() / (2 ** (input_bits - 1) - 1)
+        else:  # Max-Min over the whole calibration set: its max is known per channel
+            x_scale = (maxima[(consumer, "input")] / columns).max() / (2 ** (input_bits - 1) - 1)
         w_scale = initial_scale(TensorStats.of(smoothed_w, axis=0), weight_bits, weight_rotated).reshape(-1, 1)
         qmax_x, qmax_w = 2 ** (input_bits - 1) - 1, 2 ** (weight_bits - 1) - 1
         quantized = _fake_quantize(smoothed_x, x_scale, qmax_x, -qmax_x - 1) @ \

@@ -169,6 +169,8 @@ def test_learned_smoothing_moves_the_factors_in_stage_one_and_keeps_the_function
     smoothing = next(p for p in passes if isinstance(p, SmoothUnrotatedInputs))
     # stop before baking: the learned log-factors are still parameters (the verifier has checked the function)
     fused = PassManager(passes, stop_after="LearnEncodings").run(copy.deepcopy(gm))
+    down_inputs = [site for site in learner.sites if site.what == "input" and any(node_info(l).kind == "down_proj" for l in site.linears)]
+    assert len(down_inputs) == 2   # the smoothed down_proj inputs are quantized while the factors learn
     learned = dict(smoothing_parameters(fused))
     for layer in smoothing.layers:
         name = f"quantnpu_S_{layer.role.split('.')[1]}_{'down' if layer.role.endswith('down_proj') else 'o'}"
