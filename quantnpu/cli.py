@@ -15,7 +15,8 @@ from quantnpu.errors import Interrupted, QuantNpuError
 
 EXPORT_MODELS = ("smollm2", "tiny-llama", "tiny-qwen2")
 DEFAULT_BITS = "4-8-8"
-DEFAULT_SMOOTH = "off"
+DEFAULT_SMOOTH = "search"  # bench/results/smoothing.md: the best all-8-bit 8-8-8 row
+DEFAULT_WEIGHT_ROUNDING = "gptq"  # bench/results/smoothing.md: 4-8-8 + 10% 238.9 -> 120.5 without smoothing
 SMOLLM2_VOCAB = 49152
 
 
@@ -97,14 +98,15 @@ def _lower_parser() -> argparse.ArgumentParser:
     stage.add_argument("--checkpoint-every", type=int, default=_STAGE_ONE.checkpoint_every, metavar="N", help=f"steps between checkpoints (default {_STAGE_ONE.checkpoint_every})")
     stage.add_argument("--resume", action="store_true", help="continue stage one from the checkpoint (same command otherwise)")
     beyond = parser.add_argument_group("beyond the paper", "static smoothing of the unrotated linear inputs and GPTQ rounding of the narrow weights (bench/results/smoothing.md)")
-    beyond.add_argument("--smooth", choices=SMOOTH_MODES, default=DEFAULT_SMOOTH,
+    beyond.add_argument("--smooth", choices=SMOOTH_MODES, default=None,
                         help=f"per-channel smoothing of down_proj's and o_proj's inputs, folded into up/down and v/o: off, fixed (one alpha), "
                              f"search (per layer, by the linear's quantized output error), global (one alpha, by the quantized model's "
                              f"calibration KL), learn (search, then learned in stage one) (default {DEFAULT_SMOOTH})")
     beyond.add_argument("--smooth-alpha", type=float, default=SmoothingConfig.alpha, metavar="A",
                         help=f"migration strength of --smooth fixed, in [0, 1] (default {SmoothingConfig.alpha})")
-    beyond.add_argument("--weight-rounding", choices=WEIGHT_ROUNDING, default="nearest",
-                        help="nearest (default) or gptq: the weights of at most --gptq-bits bits re-rounded with the calibration inputs, same scales")
+    beyond.add_argument("--weight-rounding", choices=WEIGHT_ROUNDING, default=None,
+                        help="nearest or gptq: the weights of at most --gptq-bits bits re-rounded with the calibration inputs, same scales "
+                             f"(default {DEFAULT_WEIGHT_ROUNDING})")
     beyond.add_argument("--gptq-bits", type=int, default=4, choices=(4, 8), help="GPTQ rounds weights of at most this many bits (default 4)")
     parser.add_argument("--encodings", help="write the encodings (AIMET-style JSON) to this file")
     parser.add_argument("--soc", default="SM8650", help="Qualcomm SoC to compile for (default SM8650, Snapdragon 8 Gen 3)")
@@ -153,9 +155,11 @@ def _stage_one_config(args: argparse.Namespace, plan, output: Path):
 def _smoothing_config(args: argparse.Namespace, plan, stage_one):
     """The SmoothingConfig of the flags, or None; combinations that cannot work are errors now."""
     if plan is None:
-        if args.smooth != "off" or args.weight_rounding != "nearest":
+        if args.smooth is not None or args.weight_rounding is not None:
             raise QuantNpuError("--smooth/--weight-rounding belong to --quant quantnpu")
         return None
+    args.smooth = args.smooth or DEFAULT_SMOOTH
+    args.weight_rounding = args.weight_rounding or DEFAULT_WEIGHT_ROUNDING
     if args.smooth == "learn" and stage_one is None:
         raise QuantNpuError("--smooth learn learns the factors in stage one: add --optimize selective (or joint)")
     if args.smooth == "off":
@@ -263,7 +267,7 @@ def _lower(args: argparse.Namespace) -> int:
     passes = pipeline(plan if plan is not None else args.quant, batches, args.rotate, args.soc,
                       strict=strict_hadamard, progress=not args.quiet,
                       promote_fraction=args.promote_fraction if plan is not None else 0.0, stage_one=stage_one,
-                      smoothing=smoothing, weight_rounding=args.weight_rounding, gptq_bits=args.gptq_bits)
+                      smoothing=smoothing, weight_rounding=args.weight_rounding or "nearest", gptq_bits=args.gptq_bits)
     # under torchrun the other ranks only help with stage one; rank 0 does everything else
     manager = PassManager(passes, stop_after="LearnEncodings" if rank else args.stop_after,
                           progress=not args.quiet and rank == 0, verify=not args.no_verify)

@@ -113,6 +113,7 @@ def test_end_to_end_on_a_tiny_model(tmp_path, tiny_pt2):
     stage_one = record["stage_one"]  # on by default: selective
     assert stage_one["optimize"] == "selective" and len(stage_one["loss"]) == 3 and stage_one["orthogonality"] < 1e-5
     assert stage_one["learned_encodings_kept"] > 0
+    assert record["smoothing"]["mode"] == "search" and record["weight_rounding"]["method"] == "gptq"  # the defaults
     table = read_encodings(encodings)
     activations, params = table.activations, table.params
     assert table.edges  # the re-quantizing edges travel with the file
