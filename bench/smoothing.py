@@ -148,7 +148,8 @@ def write(results: dict, out: Path) -> None:
     float_ppl = results["float"]
     lines = [
         "# Smoothing and GPTQ rounding: SmolLM2-135M-Instruct, Brown evaluation split", "",
-        f"Command: `{results['command']}`", "",
+        "Commands (each run replaces the rows it names and keeps the others; in this order):", "",
+        *[f"- `{command}`" for command in results.get("commands", [results["command"]])], "",
         f"Fake-quant ppl, {results['eval']['windows']} x {results['eval']['seq_len']}-token windows; calibration "
         f"{results['calibration']['windows']} x {results['calibration']['seq_len']}. Rotated (random Hadamard R1/R2) in every "
         f"row. Float ppl {float_ppl:.3f}. Promotion: p10 = the most sensitive 10% of down_proj inputs at 16 bits (ranked "
@@ -156,7 +157,8 @@ def write(results: dict, out: Path) -> None:
         "down_proj's and o_proj's inputs, folded into up/down and v/o; `search` = per-layer alpha by the linear's own "
         "quantized output error; `global` = one alpha for all layers by the quantized model's KL to float on 4 calibration "
         "windows. GPTQ: the 4-bit weights (gptq8: every weight) re-rounded with the calibration inputs "
-        "as the quantized graph sees them, same scales.", "",
+        "as the quantized graph sees them, same scales. 16-bit linear inputs: down_proj inputs (lm_head reads 16 bits "
+        "in every plan). Pipeline seconds are wall-clock per row; rows run while another job shared the 2 cores read high.", "",
         "| W-A-KV | promotion | smoothing | rounding | stage one | 16-bit linear inputs | ppl | x float | target | pipeline s |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -223,6 +225,7 @@ def main() -> int:
         if (old["eval"], old["calibration"]) == (results["eval"], results["calibration"]):
             rerun = {r["row"] for r in runs}
             results["rows"] = [r for r in old["rows"] if r["row"] not in rerun]
+            results["commands"] = old.get("commands", [old["command"]]) + [results["command"]]
             results["pte"] = [r for r in old.get("pte", []) if r["row"] not in {p["row"] for p in pte_runs}]
     results["existing"] = static_rows(args.seq_len, args.eval_windows, args.calib_windows)
     qnn_sdk.activate(qnn_sdk.prepare_qnn_sdk())

@@ -369,7 +369,7 @@ def _quantnpu_record(args: argparse.Namespace, passes, quantized) -> dict:
             for layer in smoothing.layers]}
     gptq = find_pass(passes, RoundWeightsGptq)
     if gptq is not None:
-        if not args.quiet:
+        if not args.quiet and gptq.layers:
             print(gptq.report().splitlines()[-1])
         extra["weight_rounding"] = {"method": "gptq", "max_bits": gptq.max_bits, "weights": [asdict(r) for r in gptq.layers]}
     if rotations is not None and rotations.skipped_r1:
