@@ -227,6 +227,8 @@ def main() -> int:
             results["rows"] = [r for r in old["rows"] if r["row"] not in rerun]
             results["commands"] = old.get("commands", [old["command"]]) + [results["command"]]
             results["pte"] = [r for r in old.get("pte", []) if r["row"] not in {p["row"] for p in pte_runs}]
+            if "pte_eval" in old:
+                results["pte_eval"] = old["pte_eval"]
     results["existing"] = static_rows(args.seq_len, args.eval_windows, args.calib_windows)
     qnn_sdk.activate(qnn_sdk.prepare_qnn_sdk())
     model, tokenizer = load_smollm2()
