@@ -2,6 +2,7 @@
 no rotation), a planted outlier channel tamed, the search, and clear errors."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -9,10 +10,11 @@ import torch
 from quantnpu.errors import PassFailedError, QuantNpuError
 from quantnpu.graph.equivalence import logits_of
 from quantnpu.graph.meta import node_info, nodes_by_role
+from quantnpu.models.tiny import FAMILIES
 from quantnpu.passes import BakeRotations, FoldNorms, FuseRotations, PassManager, SmoothingConfig, SmoothUnrotatedInputs, UntieEmbeddings
 from quantnpu.passes.smooth_inputs import smoothing_parameters
 from quantnpu.pipeline import fake_quant_end, pipeline
-from tests.graph_testing import annotated_graph, as_float64, relative_max, run_passes, tiny_graph
+from tests.graph_testing import annotated_graph, as_float64, assert_pass_diff, relative_max, run_passes, tiny_graph
 
 
 def _calibration(count: int = 4, seq_len: int = 8, vocab: int = 128) -> list[torch.Tensor]:
@@ -40,6 +42,40 @@ def test_smoothing_puts_one_factor_parameter_per_input_on_both_weights():
     # the rest of the graph is untouched: same linears read the same activations
     for before, after in zip(nodes_by_role(gm).items(), roles.items()):
         assert before[0] == after[0] and before[1].args[0].name == after[1].args[0].name
+
+
+def test_smoothing_graph_diff_without_rotations():
+    """Up's rows and v's rows divided by exp(t), down's and o's columns multiplied by it; o's factor
+    per KV channel expanded over the 2 query heads of each group (head h reads KV head h // 2)."""
+    calibration = [torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(3)) for _ in range(2)]
+    assert_pass_diff(annotated_graph("llama", layers=1), [SmoothUnrotatedInputs(calibration)], """
+        +%quantnpu_s_0_down: f32[128] = get_attr quantnpu_S_0_down
+        +%quantnpu_s_0_o: f32[32] = get_attr quantnpu_S_0_o
+        -%linear_2: f32[1,8,32] = aten.linear(%mul_4, %model_model_layers_0_self_attn_v_proj_weight)  # role=layers.0.v_proj
+        +%neg_default_1: f32[32] = aten.neg(%quantnpu_s_0_o)
+        +%exp_default_2: f32[32] = aten.exp(%neg_default_1)
+        +%reshape_default_2: f32[32,1] = aten.reshape(%exp_default_2, [-1, 1])
+        +%mul_tensor_2: f32[32,64] = aten.mul.Tensor(%model_model_layers_0_self_attn_v_proj_weight, %reshape_default_2)
+        +%linear_2: f32[1,8,32] = aten.linear(%mul_4, %mul_tensor_2)  # role=layers.0.v_proj smoothing=quantnpu_S_0_o (alpha 0.50)
+        -%linear_3: f32[1,8,64] = aten.linear(%reshape_3, %model_model_layers_0_self_attn_o_proj_weight)  # role=layers.0.o_proj
+        +%exp_default_3: f32[32] = aten.exp(%quantnpu_s_0_o)
+        +%reshape_default_3: f32[2,1,16] = aten.reshape(%exp_default_3, [2, 1, 16])
+        +%expand_default: f32[2,2,16] = aten.expand(%reshape_default_3, [2, 2, 16])
+        +%reshape_default_4: f32[1,64] = aten.reshape(%expand_default, [1, -1])
+        +%mul_tensor_3: f32[64,64] = aten.mul.Tensor(%model_model_layers_0_self_attn_o_proj_weight, %reshape_default_4)
+        +%linear_3: f32[1,8,64] = aten.linear(%reshape_3, %mul_tensor_3)  # role=layers.0.o_proj smoothing=quantnpu_S_0_o (alpha 0.50)
+        -%linear_5: f32[1,8,128] = aten.linear(%mul_10, %model_model_layers_0_mlp_up_proj_weight)  # role=layers.0.up_proj
+        +%neg_default: f32[128] = aten.neg(%quantnpu_s_0_down)
+        +%exp_default: f32[128] = aten.exp(%neg_default)
+        +%reshape_default: f32[128,1] = aten.reshape(%exp_default, [-1, 1])
+        +%mul_tensor: f32[128,64] = aten.mul.Tensor(%model_model_layers_0_mlp_up_proj_weight, %reshape_default)
+        +%linear_5: f32[1,8,128] = aten.linear(%mul_10, %mul_tensor)  # role=layers.0.up_proj smoothing=quantnpu_S_0_down (alpha 0.50)
+        -%linear_6: f32[1,8,64] = aten.linear(%mul_11, %model_model_layers_0_mlp_down_proj_weight)  # role=layers.0.down_proj
+        +%exp_default_1: f32[128] = aten.exp(%quantnpu_s_0_down)
+        +%reshape_default_1: f32[1,128] = aten.reshape(%exp_default_1, [1, -1])
+        +%mul_tensor_1: f32[64,128] = aten.mul.Tensor(%model_model_layers_0_mlp_down_proj_weight, %reshape_default_1)
+        +%linear_6: f32[1,8,64] = aten.linear(%mul_11, %mul_tensor_1)  # role=layers.0.down_proj smoothing=quantnpu_S_0_down (alpha 0.50)
+    """)
 
 
 def _weight_expression(node):
@@ -177,3 +213,25 @@ def test_learned_smoothing_moves_the_factors_in_stage_one_and_keeps_the_function
         assert not torch.allclose(learned[name].exp(), layer.factors, rtol=1e-4), name
     with pytest.raises(QuantNpuError, match="learns the factors in stage one"):
         pipeline("4-8-8", calibration, smoothing=SmoothingConfig(mode="learn"))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_smoothing_and_gptq_through_the_whole_pipeline_on_every_family(family):
+    """Every supported family, HF's default export (ExecuTorch's own Llama too): search smoothing is
+    exact in float (the verifier runs after it), every layer gets both factors, and GPTQ rounds the
+    4-bit weights on their grid."""
+    from quantnpu.models.export import export_causal_lm
+    from quantnpu.models.tiny import tiny_model
+    from quantnpu.passes.round_weights import RoundWeightsGptq
+    from quantnpu.pipeline import find_pass
+
+    gm = export_causal_lm(tiny_model(family), 16).module()
+    vocab = logits_of(gm(torch.zeros(1, 16, dtype=torch.long))).shape[-1]
+    calibration = [torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    passes = pipeline("4-8-8", calibration, smoothing=SmoothingConfig(mode="search"), weight_rounding="gptq")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Gemma: R1 skipped for its sandwich norms (tested in test_families)
+        PassManager(passes, stop_after=fake_quant_end(passes)).run(gm)
+    smoothing, gptq = find_pass(passes, SmoothUnrotatedInputs), find_pass(passes, RoundWeightsGptq)
+    assert sorted(layer.role.split(".")[-1] for layer in smoothing.layers) == ["down_proj", "down_proj", "o_proj", "o_proj"]
+    assert gptq.layers and sum(r.kept for r in gptq.layers) >= len(gptq.layers) // 2
