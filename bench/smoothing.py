@@ -154,8 +154,9 @@ def write(results: dict, out: Path) -> None:
         f"{results['calibration']['windows']} x {results['calibration']['seq_len']}. Rotated (random Hadamard R1/R2) in every "
         f"row. Float ppl {float_ppl:.3f}. Promotion: p10 = the most sensitive 10% of down_proj inputs at 16 bits (ranked "
         "after smoothing), p100 = all of them. Smoothing: SmoothQuant factors `max|X_j|^a / max|W_:,j|^(1-a)` on "
-        "down_proj's and o_proj's inputs, folded into up/down and v/o; `search` = per-layer alpha by the linear's own "
-        "quantized output error; `global` = one alpha for all layers by the quantized model's KL to float on 4 calibration "
+        "down_proj's and o_proj's inputs, folded into up/down and v/o; `search` = per-layer alpha by the smoothed linear's "
+        "quantized output error with its producer's quantized output (up_proj's 8-bit output, V) modelled; `search-linear` = "
+        "the same without the producer; `learn` = search, then learned in stage one; `global` = one alpha for all layers by the quantized model's KL to float on 4 calibration "
         "windows. GPTQ: the 4-bit weights (gptq8: every weight) re-rounded with the calibration inputs "
         "as the quantized graph sees them, same scales. 16-bit linear inputs: down_proj inputs (lm_head reads 16 bits "
         "in every plan). Pipeline seconds are wall-clock per row; rows run while another job shared the 2 cores read high.", "",
