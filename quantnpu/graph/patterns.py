@@ -80,22 +80,28 @@ def rms_norms(gm: torch.fx.GraphModule) -> list[RmsNorm]:
     return norms
 
 
-def recompose_weighted_rms_norms(gm: torch.fx.GraphModule) -> int:
-    """Each RMSNorm whose weight multiply reads the normalized tensor directly becomes one
-    `aten.rms_norm(x, [d], weight, eps)`: QNN quantizes and runs it as one op (its own internal
-    precision) instead of quantizing x * x, its mean and rsqrt as 16-bit tensors, which the
-    outliers of an unrotated residual stream wreck. Weightless norms (weights folded into the
-    next linears) stay op by op. Returns how many were recomposed."""
+def recompose_rms_norms(gm: torch.fx.GraphModule) -> int:
+    """Each RMSNorm becomes one `aten.rms_norm(x, [d], weight, eps)` (weight None once FoldNorms
+    moved it into the next linears): QNN quantizes and runs it as one op, in its own internal
+    precision. Op by op, x * x, its mean and rsqrt would be 16-bit tensors whose per-tensor scale
+    is set by the largest token: SmolLM2-135M's first token reaches ~1600 in the residual stream
+    (x * x ~2.5e6, a 16-bit step of ~76), so every other token's mean square rounded to zero and its
+    norm was wrong by up to 1.5x from layer 11 on. A weighted norm is recomposed only where the
+    weight multiply reads the normalized tensor directly. Returns how many were recomposed."""
     recomposed = 0
     for norm in rms_norms(gm):
-        if norm.weight is None or norm.output.args[0] is not norm.normalized and norm.output.args[1] is not norm.normalized:
+        if norm.weight is None:
+            replaced, weight = norm.normalized, None
+        elif norm.output.args[0] is norm.normalized or norm.output.args[1] is norm.normalized:
+            replaced, weight = norm.output, norm.weight
+        else:
             continue
         shape = [int(norm.input.meta["val"].shape[-1])]
-        fused = insert_call(gm.graph, norm.output, aten.rms_norm.default, norm.input, shape, norm.weight, float(norm.eps))
+        fused = insert_call(gm.graph, replaced, aten.rms_norm.default, norm.input, shape, weight, float(norm.eps))
         for key in ("quantnpu", "nn_module_stack", "stack_trace"):
-            if key in norm.output.meta:
-                fused.meta[key] = norm.output.meta[key]
-        norm.output.replace_all_uses_with(fused)
+            if key in replaced.meta:
+                fused.meta[key] = replaced.meta[key]
+        replaced.replace_all_uses_with(fused)
         recomposed += 1
     gm.graph.eliminate_dead_code()
     return recomposed

@@ -5,9 +5,9 @@ is the graph that is quantized and lowered (one tensor, one encoding):
 1. ExecuTorch's own QNN annotation transforms as quantnpu runs them
    (`quantizers.quantnpu_quantizer.qnn_annotation_transforms`): SiLU becomes sigmoid * x,
    scaled-dot-product attention becomes bmm / softmax (with the scale split over q and k), and so
-   on; an RMSNorm with a weight becomes one `rms_norm` op (quantnpu's recomposition: ExecuTorch's
-   miscompiles a norm whose weight was folded into the next linears), a weightless one stays op
-   by op with `pow(x, 2)` as `x * x`.
+   on; every RMSNorm, weightless ones included, becomes one `rms_norm` op (quantnpu's
+   recomposition: ExecuTorch's miscompiles a norm whose weight was folded into the next linears),
+   so its x * x, mean and rsqrt are never quantized on their own (see `recompose_rms_norms`).
 2. Identity ops are dropped (`Canonicalize`'s rule), should the transforms have made any: on the
    NPU each would be an op with its own requantization. A role on a dropped node moves to its input.
 3. Attention masks get a finite, small masking value (`ATTENTION_MASK_VALUE`) in place of -inf.

@@ -33,7 +33,7 @@ from torchao.quantization.pt2e.quantizer import (
 
 from quantnpu.errors import GraphStructureError
 from quantnpu.graph.ops import LINEAR, MATMUL
-from quantnpu.graph.patterns import recompose_weighted_rms_norms
+from quantnpu.graph.patterns import recompose_rms_norms
 from quantnpu.graph.meta import tensor_quant
 from quantnpu.quantizers.encodings import Encoding
 from quantnpu.quantizers.observers import EncodingObserver, storage
@@ -60,10 +60,10 @@ def qnn_annotation_transforms(gm: torch.fx.GraphModule, soc: str = "SM8650") -> 
     """ExecuTorch's QNN transforms that run before annotation (decompositions, recompositions),
     with quantnpu's RMSNorm recomposition in place of ExecuTorch's `RecomposeRmsNorm`: on a norm
     whose weight was folded away, ExecuTorch's takes the next multiply's constant operand (e.g. a
-    RoPE table) for the weight and writes a different function (found by the verifier). Norms
-    with a weight become one `rms_norm` op, as ExecuTorch intends; weightless ones stay op by op,
-    with `pow(x, 2)` as `x * x`: QNN would take the exponent as a float constant input, the one
-    tensor of the graph that is not quantized (IntegerOnlyCheck flags it)."""
+    RoPE table) for the weight and writes a different function (found by the verifier). Every
+    RMSNorm, with or without a weight, becomes one `rms_norm` op (`recompose_rms_norms`); any
+    other `pow(x, 2)` becomes `x * x`: QNN would take the exponent as a float constant input, the
+    one tensor of the graph that is not quantized (IntegerOnlyCheck flags it)."""
     base, dtypes, chip = _qnn_quantizer_base(soc)
     from executorch.backends.qualcomm._passes import RecomposeRmsNorm
     from executorch.backends.qualcomm._passes.qnn_pass_manager import get_qnn_pass_manager_cls
@@ -75,7 +75,7 @@ def qnn_annotation_transforms(gm: torch.fx.GraphModule, soc: str = "SM8650") -> 
         def get_annotation_passes(cls):
             return [p for p in super().get_annotation_passes() if p is not RecomposeRmsNorm]
 
-    recompose_weighted_rms_norms(gm)
+    recompose_rms_norms(gm)
     gm = _WithoutRmsNormRecomposition().transform_for_annotation_pipeline(gm)
     squares_to_products(gm)
     return gm

@@ -162,11 +162,15 @@ def test_prepare_for_qnn_main_rewrite():
         torch.testing.assert_close(rewritten, original, rtol=1e-5, atol=1e-6)
 
 
-def test_norms_with_a_weight_become_one_rms_norm_op_weightless_ones_stay_op_by_op():
+def test_every_rms_norm_becomes_one_rms_norm_op_with_or_without_a_weight():
     rms_norm = torch.ops.aten.rms_norm.default
     plain = run_passes(tiny_graph("llama", layers=2, seq_len=8), float_passes("none") + [PrepareForQnn()])
     assert sum(n.target == rms_norm for n in plain.graph.nodes) == 5  # 2 per layer + the final norm
     assert {node_info(n).role for n in plain.graph.nodes if n.target == rms_norm and node_info(n)} >= {"final_norm", "layers.1.input_norm"}
-    rotated = run_passes(tiny_graph("llama", layers=2, seq_len=8), float_passes("hadamard") + [PrepareForQnn()])
-    assert not any(n.target == rms_norm for n in rotated.graph.nodes)  # folded: nothing to recompose
-    assert sum(n.target == torch.ops.aten.rsqrt.default for n in rotated.graph.nodes) == 5
+    gm = tiny_graph("llama", layers=2, seq_len=8)
+    rotated = run_passes(copy.deepcopy(gm), float_passes("hadamard") + [PrepareForQnn()])
+    fused = [n for n in rotated.graph.nodes if n.target == rms_norm]
+    assert len(fused) == 5 and all(n.args[2] is None for n in fused)  # weights folded into the linears
+    assert not any(n.target in (torch.ops.aten.rsqrt.default, torch.ops.aten.mean.dim) for n in rotated.graph.nodes)
+    ids = torch.randint(0, 128, (1, 8))
+    torch.testing.assert_close(rotated(ids)[0], gm(ids)[0], rtol=1e-4, atol=1e-4)
