@@ -2,7 +2,7 @@
 """Static smoothing of the unrotated linear inputs and GPTQ rounding of the narrow weights on
 SmolLM2-135M-Instruct, Brown corpus (16 x 512 evaluation windows, calibration 8 x 512).
 
-Each row is `BITS:PROMOTION:SMOOTHING:ROUNDING[:stage1]`:
+Each row is `BITS:PROMOTION:SMOOTHING:ROUNDING[:stage1][:lead]`:
 - PROMOTION `p0`, `p10` (the most sensitive 10% of down_proj inputs at 16 bits, ranked after
   smoothing) or `p100` (every down_proj input at 16 bits);
 - SMOOTHING `off`, `fixed` (alpha 0.5) or `fixedA` (e.g. `fixed0.7`: one alpha for every layer),
@@ -11,9 +11,10 @@ Each row is `BITS:PROMOTION:SMOOTHING:ROUNDING[:stage1]`:
   `global` (one alpha, the one whose quantized model has the smallest calibration KL to float),
   `learn` (the search's factors as the start, learned in stage one);
 - ROUNDING `nearest` or `gptq` (the weights of at most 4 bits; `gptq8`: the 8-bit ones too);
-- `stage1`: stage one (selective, 32 steps, the defaults of `StageOneConfig`) before stage two.
-Rotated (random Hadamard R1/R2) in every row. Everything goes through `quantnpu.pipeline.pipeline`.
-Rows without smoothing, GPTQ or stage one at p0/p10 are the static bench's (read, not recomputed).
+- `stage1`: stage one (selective, 32 steps, the defaults of `StageOneConfig`) before stage two;
+- `lead`: SplitLeadingTokens (auto): MLPs whose first token is outsized get a 16-bit copy for it.
+Rotated (random Hadamard R1/R2) in every row. Everything goes through `quantnpu.pipeline.pipeline`;
+every row is computed here (`--fresh` starts a new table).
 Results are written after every row (atomically) to bench/results/smoothing.{json,md}; with
 `--pte ROW` that row's setting is also lowered at 128 tokens and run on the HTP simulator.
 """
@@ -42,7 +43,7 @@ from quantnpu.memory import release_freed_memory  # noqa: E402
 from quantnpu.models.corpus import split_tokens, token_windows  # noqa: E402
 from quantnpu.models.export import export_causal_lm  # noqa: E402
 from quantnpu.models.smollm2 import load_smollm2  # noqa: E402
-from quantnpu.passes import PassManager, SmoothingConfig, SmoothUnrotatedInputs  # noqa: E402
+from quantnpu.passes import LeadingTokenSplit, PassManager, SmoothingConfig, SmoothUnrotatedInputs, SplitLeadingTokens  # noqa: E402
 from quantnpu.passes.assign_bit_widths import AssignBitWidths  # noqa: E402
 from quantnpu.passes.learn_encodings import LearnEncodings, StageOneConfig  # noqa: E402
 from quantnpu.passes.round_weights import RoundWeightsGptq  # noqa: E402
@@ -50,7 +51,6 @@ from quantnpu.pipeline import fake_quant_end, find_pass, pipeline  # noqa: E402
 from quantnpu.quantizers.bit_plan import BitPlan  # noqa: E402
 from quantnpu.runtime_harness.perplexity import perplexity  # noqa: E402
 from quantnpu.runtime_harness.records import package_versions, peak_memory_mib  # noqa: E402
-from stage_one import existing_rows  # noqa: E402  (bench/ is the script's directory)
 from static import converted, float_graph, pte_measurement, pte_setting  # noqa: E402
 
 DEFAULT_RUNS = [
@@ -61,13 +61,15 @@ DEFAULT_RUNS = [
     "8-8-8:p0:search:gptq8", "8-8-8:p0:search:nearest:stage1", "4-8-8:p10:search:gptq:stage1",
     "8-8-8:p0:learn:nearest:stage1", "4-8-8:p10:learn:gptq:stage1",
 ]
+ROW_FLAGS = ("stage1", "lead")
 TARGETS = {("8-8-8", "p0"): 1.20, ("4-8-8", "p10"): 1.6, ("4-8-8", "p100"): 1.45}  # the issue's, x float
 
 
 def parse_row(text: str) -> dict:
     parts = text.split(":")
-    if len(parts) not in (4, 5) or (len(parts) == 5 and parts[4] != "stage1"):
-        raise ValueError(f"row {text!r}: write BITS:PROMOTION:SMOOTHING:ROUNDING[:stage1], e.g. 4-8-8:p10:search:gptq")
+    flags = parts[4:]
+    if len(parts) < 4 or any(f not in ROW_FLAGS for f in flags) or len(set(flags)) != len(flags):
+        raise ValueError(f"row {text!r}: write BITS:PROMOTION:SMOOTHING:ROUNDING[:stage1][:lead], e.g. 4-8-8:p10:search:gptq:lead")
     bits, promotion, smoothing, rounding = parts[:4]
     BitPlan.parse(bits)
     if promotion not in ("p0", "p10", "p100"):
@@ -81,10 +83,10 @@ def parse_row(text: str) -> dict:
     SmoothingConfig(mode=mode, alpha=alpha, search_criterion=criterion)
     if rounding not in ("nearest", "gptq", "gptq8"):
         raise ValueError(f"row {text!r}: rounding is nearest, gptq or gptq8")
-    if mode == "learn" and len(parts) == 4:
+    if mode == "learn" and "stage1" not in flags:
         raise ValueError(f"row {text!r}: learned smoothing needs stage1")
     return {"row": text, "bits": bits, "promotion": promotion, "smoothing": smoothing, "mode": mode, "alpha": alpha, "criterion": criterion,
-            "rounding": rounding, "stage_one": len(parts) == 5}
+            "rounding": rounding, "stage_one": "stage1" in flags, "leading_split": "lead" in flags}
 
 
 def passes_for(row: dict, calibration, stage_one: StageOneConfig) -> tuple[list, BitPlan]:
@@ -94,7 +96,8 @@ def passes_for(row: dict, calibration, stage_one: StageOneConfig) -> tuple[list,
         plan, calibration, "hadamard", progress=True, promote_fraction=0.1 if row["promotion"] == "p10" else 0.0,
         stage_one=stage_one if row["stage_one"] else None,
         smoothing=SmoothingConfig(mode=row["mode"], alpha=row["alpha"], search_criterion=row.get("criterion", "producer")),
-        weight_rounding="nearest" if row["rounding"] == "nearest" else "gptq", gptq_bits=8 if row["rounding"] == "gptq8" else 4)
+        weight_rounding="nearest" if row["rounding"] == "nearest" else "gptq", gptq_bits=8 if row["rounding"] == "gptq8" else 4,
+        leading_split=LeadingTokenSplit(mode="auto") if row.get("leading_split") else None)
     return passes, plan
 
 
@@ -121,6 +124,9 @@ def run_row(graph, row: dict, calibration, stage_one: StageOneConfig):
     if learner is not None:
         facts["stage_one_run"] = {"steps": len(learner.history), "seconds_per_step": round(sum(r.seconds for r in learner.history) / len(learner.history), 3),
                               "loss_first": learner.history[0].task_loss, "loss_last": learner.history[-1].task_loss}
+    split = find_pass(passes, SplitLeadingTokens)
+    if split is not None:
+        facts["split_layers"] = [s.layer for s in split.layers if s.split]
     facts["sixteen_bit_linear_inputs"] = sixteen_bit_linear_inputs(row, promotion)
     return fq, plan, facts
 
@@ -130,17 +136,6 @@ def sixteen_bit_linear_inputs(row: dict, promotion) -> int:
     if row["promotion"] == "p100":
         return 30
     return sum(s.promoted for s in promotion.sensitivities) if promotion is not None else 0
-
-
-def static_rows(seq_len: int, eval_windows: int, calib_windows: int) -> list[dict]:
-    """The static bench's rows that are rows of this table (smoothing off, nearest, no stage one)."""
-    found = []
-    for r in existing_rows(seq_len, eval_windows, calib_windows):
-        promotion = {"static": "p0", "mixed10": "p10", "down16": "p100"}[r["row"]]
-        if r["bits"] in ("8-8-8", "4-8-8"):
-            found.append({"row": f"{r['bits']}:{promotion}:off:nearest", "bits": r["bits"], "promotion": promotion, "smoothing": "off",
-                          "rounding": "nearest", "stage_one": False, "ppl": r["ppl"], "seconds": r["seconds"], "source": r["source"]})
-    return found
 
 
 def write(results: dict, out: Path) -> None:
@@ -159,19 +154,22 @@ def write(results: dict, out: Path) -> None:
         "the same without the producer; `learn` = search, then learned in stage one; `global` = one alpha for all layers by the quantized model's KL to float on 4 calibration "
         "windows. GPTQ: the 4-bit weights (gptq8: every weight) re-rounded with the calibration inputs "
         "as the quantized graph sees them, same scales. 16-bit linear inputs: down_proj inputs (lm_head reads 16 bits "
-        "in every plan). Pipeline seconds are wall-clock per row; rows run while another job shared the 2 cores read high.", "",
-        "| W-A-KV | promotion | smoothing | rounding | stage one | 16-bit linear inputs | ppl | x float | target | pipeline s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "in every plan; the 16-bit copies of split MLPs read one token and are not counted). Leading-token split (`lead`): the MLPs "
+        "whose first token is over 2x larger than the rest somewhere get a 16-bit copy for that token (SplitLeadingTokens, auto). "
+        "Every RMSNorm is one `rms_norm` op (rows measured before that change, with norms quantized op by op, are in this "
+        "file's git history). Pipeline seconds are wall-clock per row; rows run while another job shared the 2 cores read high.", "",
+        "| W-A-KV | promotion | smoothing | rounding | stage one | leading-token split (layers) | 16-bit linear inputs | ppl | x float | target | pipeline s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    rows = results["rows"] + [r for r in results.get("existing", []) if not any(m["row"] == r["row"] for m in results["rows"])]
-    for row in sorted(rows, key=lambda r: (r["bits"], r["promotion"], r["stage_one"], r["smoothing"], r["rounding"])):
+    rows = results["rows"]
+    for row in sorted(rows, key=lambda r: (r["bits"], r["promotion"], r["stage_one"], r.get("leading_split", False), r["smoothing"], r["rounding"])):
         target = TARGETS.get((row["bits"], row["promotion"]))
         target_text = "" if target is None else f"<= {target}x ({target * float_ppl:.1f})" + (
             " met" if row["ppl"] <= target * float_ppl else " **missed**")
         sixteen = row.get("sixteen_bit_linear_inputs", {"p0": 0, "p10": 3, "p100": 30}[row["promotion"]])
+        split = ", ".join(str(layer) for layer in row.get("split_layers", [])) if row.get("leading_split") else "no"
         lines.append(f"| {row['bits']} | {row['promotion']} | {row['smoothing']} | {row['rounding']} | {'yes' if row['stage_one'] else 'no'} | "
-                     f"{sixteen} | {row['ppl']:.3f} | {row['ppl'] / float_ppl:.2f} | {target_text} | {row['seconds']:.0f}"
-                     + (f" (from {row['source']})" if row.get("source") else "") + " |")
+                     f"{split} | {sixteen} | {row['ppl']:.3f} | {row['ppl'] / float_ppl:.2f} | {target_text} | {row['seconds']:.0f} |")
     lines += ["", f"Peak RSS of the run: {results.get('peak_rss_mib', float('nan')):.0f} MiB.", ""]
     tuned = [r for r in results["rows"] if r.get("global_kl")]
     if tuned:
@@ -207,6 +205,7 @@ def main() -> int:
     parser.add_argument("--pte-seq-len", type=int, default=128)
     parser.add_argument("--pte-windows", type=int, default=4)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "smoothing"))
+    parser.add_argument("--fresh", action="store_true", help="start a new table: drop the rows of earlier runs")
     args = parser.parse_args()
     try:
         runs = [parse_row(r) for r in args.runs]
@@ -221,7 +220,7 @@ def main() -> int:
                      "stage_one_config": asdict(stage_one), "torch_threads": torch.get_num_threads(),
                      "float": float("nan"), "rows": [], "pte": [], "versions": package_versions()}
     previous = out.with_suffix(".json")
-    if previous.is_file():  # rows of an earlier run in the same setting are kept unless rerun
+    if previous.is_file() and not args.fresh:  # rows of an earlier run in the same setting are kept unless rerun
         old = json.loads(previous.read_text())
         if (old["eval"], old["calibration"]) == (results["eval"], results["calibration"]):
             rerun = {r["row"] for r in runs}
@@ -230,7 +229,6 @@ def main() -> int:
             results["pte"] = [r for r in old.get("pte", []) if r["row"] not in {p["row"] for p in pte_runs}]
             if "pte_eval" in old:
                 results["pte_eval"] = old["pte_eval"]
-    results["existing"] = static_rows(args.seq_len, args.eval_windows, args.calib_windows)
     qnn_sdk.activate(qnn_sdk.prepare_qnn_sdk())
     model, tokenizer = load_smollm2()
     eval_tokens, calib_tokens = split_tokens(tokenizer, "evaluation"), split_tokens(tokenizer, "calibration")

@@ -17,6 +17,7 @@ EXPORT_MODELS = ("smollm2", "tiny-llama", "tiny-qwen2")
 DEFAULT_BITS = "4-8-8"
 DEFAULT_SMOOTH = "search"  # bench/results/smoothing.md: the best all-8-bit 8-8-8 row
 DEFAULT_WEIGHT_ROUNDING = "gptq"  # bench/results/smoothing.md: 4-8-8 + 10% 238.9 -> 120.5 without smoothing
+DEFAULT_SPLIT_LEADING = "auto"  # bench/results/smoothing.md: 8-8-8 all-8-bit with smoothing search 66.6 -> 55.9
 SMOLLM2_VOCAB = 49152
 
 
@@ -56,6 +57,7 @@ def _lower_parser() -> argparse.ArgumentParser:
     from quantnpu.passes.learn_encodings import INITS, LOSSES, OPTIMIZE, SIMULATIONS, StageOneConfig
     from quantnpu.passes.round_weights import WEIGHT_ROUNDING
     from quantnpu.passes.smooth_inputs import SMOOTH_MODES, SmoothingConfig
+    from quantnpu.passes.split_leading_tokens import SPLIT_MODES, LeadingTokenSplit
     from quantnpu.quantizers.et_qnn import ET_CONFIGS
 
     _STAGE_ONE = StageOneConfig()
@@ -108,6 +110,13 @@ def _lower_parser() -> argparse.ArgumentParser:
                         help="nearest or gptq: the weights of at most --gptq-bits bits re-rounded with the calibration inputs, same scales "
                              f"(default {DEFAULT_WEIGHT_ROUNDING})")
     beyond.add_argument("--gptq-bits", type=int, default=4, choices=(4, 8), help="GPTQ rounds weights of at most this many bits (default 4)")
+    beyond.add_argument("--split-leading", choices=SPLIT_MODES, default=None,
+                        help="give the first --leading-tokens positions their own copy of an MLP, with encodings of its own (exact in "
+                             "float; the attention sink's huge values then stop setting the other tokens' scales): off, auto (the MLPs where those positions "
+                             f"are over {LeadingTokenSplit.threshold:g}x larger than the rest on the calibration set), all "
+                             f"(default {DEFAULT_SPLIT_LEADING})")
+    beyond.add_argument("--leading-tokens", type=int, default=LeadingTokenSplit.tokens, metavar="N",
+                        help=f"how many leading positions --split-leading separates (default {LeadingTokenSplit.tokens})")
     parser.add_argument("--encodings", help="write the encodings (AIMET-style JSON) to this file")
     parser.add_argument("--soc", default="SM8650", help="Qualcomm SoC to compile for (default SM8650, Snapdragon 8 Gen 3)")
     parser.add_argument("--rotate", default=None, help="R1/R2 rotations fused into the weights: hadamard (random Hadamard; the default, "
@@ -167,6 +176,18 @@ def _smoothing_config(args: argparse.Namespace, plan, stage_one):
     from quantnpu.passes.smooth_inputs import SmoothingConfig
 
     return SmoothingConfig(mode=args.smooth, alpha=args.smooth_alpha)
+
+
+def _leading_split(args: argparse.Namespace, plan):
+    """The LeadingTokenSplit of the flags, or None (quantnpu's own plans only)."""
+    if plan is None:
+        if args.split_leading is not None:
+            raise QuantNpuError("--split-leading belongs to --quant quantnpu")
+        return None
+    args.split_leading = args.split_leading or DEFAULT_SPLIT_LEADING
+    from quantnpu.passes.split_leading_tokens import LeadingTokenSplit
+
+    return LeadingTokenSplit(mode=args.split_leading, tokens=args.leading_tokens)
 
 
 def _join_ranks(stage_one) -> int:
@@ -231,6 +252,7 @@ def _lower(args: argparse.Namespace) -> int:
         raise QuantNpuError(f"{output}: the output must end in .pte")
     stage_one = _stage_one_config(args, plan, output)
     smoothing = _smoothing_config(args, plan, stage_one)
+    leading_split = _leading_split(args, plan)
     rank = _join_ranks(stage_one)
     from quantnpu.models.export import load_pt2, token_input_spec
 
@@ -267,7 +289,8 @@ def _lower(args: argparse.Namespace) -> int:
     passes = pipeline(plan if plan is not None else args.quant, batches, args.rotate, args.soc,
                       strict=strict_hadamard, progress=not args.quiet,
                       promote_fraction=args.promote_fraction if plan is not None else 0.0, stage_one=stage_one,
-                      smoothing=smoothing, weight_rounding=args.weight_rounding or "nearest", gptq_bits=args.gptq_bits)
+                      smoothing=smoothing, weight_rounding=args.weight_rounding or "nearest", gptq_bits=args.gptq_bits,
+                      leading_split=leading_split)
     # under torchrun the other ranks only help with stage one; rank 0 does everything else
     manager = PassManager(passes, stop_after="LearnEncodings" if rank else args.stop_after,
                           progress=not args.quiet and rank == 0, verify=not args.no_verify)
@@ -331,7 +354,7 @@ def _quantnpu_record(args: argparse.Namespace, passes, quantized) -> dict:
     """The run record's fields for static encodings (and the encodings file, if asked for)."""
     from dataclasses import asdict
 
-    from quantnpu.passes import AssignBitWidths, FuseRotations, PlanBitWidths, SmoothUnrotatedInputs, StaticCalibration
+    from quantnpu.passes import AssignBitWidths, FuseRotations, PlanBitWidths, SmoothUnrotatedInputs, SplitLeadingTokens, StaticCalibration
     from quantnpu.passes.learn_encodings import LearnEncodings
     from quantnpu.passes.round_weights import RoundWeightsGptq
     from quantnpu.passes.convert import ENCODINGS_META
@@ -367,6 +390,14 @@ def _quantnpu_record(args: argparse.Namespace, passes, quantized) -> dict:
         extra["smoothing"] = {**asdict(smoothing.config), "layers": [
             {"role": layer.role, "alpha": layer.alpha, "factor_min": float(layer.factors.min()), "factor_max": float(layer.factors.max())}
             for layer in smoothing.layers]}
+    split = find_pass(passes, SplitLeadingTokens)
+    if split is not None and split.layers:
+        chosen = [s for s in split.layers if s.split]
+        if not args.quiet:
+            print(f"leading-token split: {len(chosen)} of {len(split.layers)} MLPs give the first {split.config.tokens} token(s) "
+                  f"their own copy: " + (", ".join(f"layers.{s.layer} ({s.ratio:.1f}x)" if s.ratio == s.ratio else f"layers.{s.layer}"
+                                                   for s in chosen) or "none"))
+        extra["leading_split"] = {**asdict(split.config), "layers": [asdict(s) for s in split.layers]}
     gptq = find_pass(passes, RoundWeightsGptq)
     if gptq is not None:
         if not args.quiet and gptq.layers:

@@ -26,6 +26,7 @@ from quantnpu.passes.integer_only import IntegerOnlyCheck
 from quantnpu.passes.learn_encodings import LearnEncodings, StageOneConfig
 from quantnpu.passes.round_weights import WEIGHT_ROUNDING, RoundWeightsGptq
 from quantnpu.passes.smooth_inputs import SmoothingConfig, SmoothUnrotatedInputs
+from quantnpu.passes.split_leading_tokens import LeadingTokenSplit, SplitLeadingTokens
 from quantnpu.quantizers.bit_plan import BitPlan
 
 ROTATIONS = ("none", "hadamard", "random")
@@ -79,6 +80,7 @@ def pipeline(
     smoothing: SmoothingConfig | None = None,
     weight_rounding: str = "nearest",
     gptq_bits: int = 4,
+    leading_split: LeadingTokenSplit | None = None,
 ) -> list[GraphPass]:
     """The whole chain in order. `plan`: a quantnpu `BitPlan` (or its `W-A-KV` text) for static
     encodings, ending in `ConvertToQdq` and `IntegerOnlyCheck`; `"et-<config>"` for ExecuTorch's
@@ -88,7 +90,9 @@ def pipeline(
     stage two (`StaticCalibration`) then keeps its encodings and calibrates the rest.
     `smoothing` (mode other than off) adds `SmoothUnrotatedInputs` right after the rotations are
     fused: before sensitivity and stage one, which see the smoothed graph. `weight_rounding="gptq"`
-    rounds the weights of at most `gptq_bits` bits with GPTQ after stage two."""
+    rounds the weights of at most `gptq_bits` bits with GPTQ after stage two. `leading_split`
+    (mode other than off) adds `SplitLeadingTokens` on the baked float graph: the MLPs whose first
+    tokens carry outsized values get a separate 16-bit path for those tokens."""
     passes = float_passes(rotate, seed, strict)
     if plan is None:
         return passes
@@ -100,10 +104,13 @@ def pipeline(
         raise QuantNpuError("static encodings need calibration batches")
     # Sensitivity and stage one see the graph with R1/R2 still parameters (before BakeRotations).
     learned: list[GraphPass] = []
+    # with the leading-token split, the MLP statistics that choose smoothing factors and promotions
+    # leave out the positions that get their own 16-bit copy
+    skip = leading_split.tokens if leading_split is not None and leading_split.mode != "off" else 0
     if smoothing is not None and smoothing.mode != "off":
-        learned.append(SmoothUnrotatedInputs(calibration, smoothing, plan, progress))
+        learned.append(SmoothUnrotatedInputs(calibration, dataclasses.replace(smoothing, skip_leading=skip), plan, progress))
     if promote_fraction > 0:
-        learned.append(AssignBitWidths(calibration, promote_fraction, progress=progress))
+        learned.append(AssignBitWidths(calibration, promote_fraction, progress=progress, skip_leading=skip))
     if smoothing is not None and smoothing.mode == "learn":
         if stage_one is None or stage_one.optimize == "none":
             raise QuantNpuError("smoothing mode 'learn' learns the factors in stage one: give a stage-one config")
@@ -115,6 +122,8 @@ def pipeline(
         bake = len(passes)
         passes.append(BakeRotations())
     passes[bake:bake] = learned
+    if leading_split is not None and leading_split.mode != "off":
+        passes.append(SplitLeadingTokens(calibration, leading_split, progress))
     return (passes + fake_quant_passes(plan, calibration, soc, progress, weight_rounding=weight_rounding, gptq_bits=gptq_bits)
             + [ConvertToQdq(soc), IntegerOnlyCheck()])
 

@@ -114,6 +114,7 @@ def test_end_to_end_on_a_tiny_model(tmp_path, tiny_pt2):
     assert stage_one["optimize"] == "selective" and len(stage_one["loss"]) == 3 and stage_one["orthogonality"] < 1e-5
     assert stage_one["learned_encodings_kept"] > 0
     assert record["smoothing"]["mode"] == "search" and record["weight_rounding"]["method"] == "gptq"  # the defaults
+    assert record["leading_split"]["mode"] == "auto" and len(record["leading_split"]["layers"]) == 1
     table = read_encodings(encodings)
     activations, params = table.activations, table.params
     assert table.edges  # the re-quantizing edges travel with the file
@@ -203,13 +204,14 @@ def test_stage_one_flag_errors(tiny_pt2, tmp_path):
 def test_smoothing_and_gptq_flags_end_to_end(tmp_path, tiny_pt2):
     output = tmp_path / "smooth.pte"
     result = _lower(tiny_pt2, "-o", output, "--calib-windows", "2", "-q", "--steps", "2",
-                    "--smooth", "learn", "--weight-rounding", "gptq")
+                    "--smooth", "learn", "--weight-rounding", "gptq", "--split-leading", "all")
     assert result.returncode == 0, result.stdout + result.stderr
     record = json.loads(output.with_suffix(".json").read_text())
+    assert record["leading_split"]["mode"] == "all" and [s["split"] for s in record["leading_split"]["layers"]] == [True]
     assert record["smoothing"]["mode"] == "learn" and len(record["smoothing"]["layers"]) == 2   # down_proj and o_proj
     assert record["stage_one"]["learn_smoothing"]
     rounded = record["weight_rounding"]["weights"]
-    assert record["weight_rounding"]["max_bits"] == 4 and len(rounded) == 7                     # the one layer's 4-bit weights
+    assert record["weight_rounding"]["max_bits"] == 4 and len(rounded) == 7  # the layer's 4-bit weights, the split MLP's once
     assert all(r["gptq_error"] < r["nearest_error"] for r in rounded if r["kept"])
     assert record["outside_delegates"] == [] and record["delegates"] == 1
 
@@ -218,6 +220,8 @@ def test_smoothing_flag_errors(tiny_pt2):
     _assert_one_line_error(_lower(tiny_pt2, "--smooth", "learn", "--optimize", "none"), r"--smooth learn learns the factors in stage one")
     _assert_one_line_error(_lower(tiny_pt2, "--quant", "et-16a8w", "--smooth", "fixed"), r"--smooth/--weight-rounding belong to --quant quantnpu")
     _assert_one_line_error(_lower(tiny_pt2, "--smooth", "fixed", "--smooth-alpha", "2"), r"smoothing: alpha must be in \[0, 1\], got 2.0")
+    _assert_one_line_error(_lower(tiny_pt2, "--quant", "et-16a8w", "--split-leading", "all"), r"--split-leading belongs to --quant quantnpu")
+    _assert_one_line_error(_lower(tiny_pt2, "--leading-tokens", "0"), r"leading-token split needs at least 1 token, got 0")
 
 
 def test_ctrl_c_in_stage_one_checkpoints_and_resume_finishes(tmp_path, tiny_pt2):

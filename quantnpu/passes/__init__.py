@@ -13,6 +13,7 @@ from quantnpu.passes.fuse_rotations import FuseRotations
 from quantnpu.passes.online_rotations import InsertOnlineRotations, RemoveOnlineRotations
 from quantnpu.passes.prepare_for_qnn import PrepareForQnn
 from quantnpu.passes.smooth_inputs import SmoothingConfig, SmoothUnrotatedInputs
+from quantnpu.passes.split_leading_tokens import LeadingTokenSplit, SplitLeadingTokens
 from quantnpu.passes.insert_observers import InsertStaticObservers
 from quantnpu.passes.plan_bit_widths import BitDeviation, PlanBitWidths
 from quantnpu.passes.static_calibration import StaticCalibration
@@ -20,8 +21,8 @@ from quantnpu.passes.untie_embeddings import UntieEmbeddings
 
 __all__ = [
     "AnnotateRoles", "AssignBitWidths", "BakeRotations", "BitDeviation", "Canonicalize", "FoldConstants", "FoldNorms", "FuseRotations", "GraphPass",
-    "InsertOnlineRotations", "InsertStaticObservers", "PassManager", "PassRecord", "PassResult", "PlanBitWidths", "PrepareForQnn",
-    "RemoveOnlineRotations", "SmoothingConfig", "SmoothUnrotatedInputs", "StaticCalibration", "UntieEmbeddings",
+    "InsertOnlineRotations", "InsertStaticObservers", "LeadingTokenSplit", "PassManager", "PassRecord", "PassResult", "PlanBitWidths", "PrepareForQnn",
+    "RemoveOnlineRotations", "SmoothingConfig", "SmoothUnrotatedInputs", "SplitLeadingTokens", "StaticCalibration", "UntieEmbeddings",
 ]
 
 

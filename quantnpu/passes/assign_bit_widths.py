@@ -54,12 +54,14 @@ class AssignBitWidths(GraphPass):
     run_after = (AnnotateRoles, FuseRotations, SmoothUnrotatedInputs)  # smoothing changes who is sensitive
 
     def __init__(self, calibration: Sequence[torch.Tensor], fraction: float = 0.1, bits: int = 16,
-                 progress: bool = False) -> None:
+                 progress: bool = False, skip_leading: int = 0) -> None:
         if not 0.0 <= fraction <= 1.0:
             from quantnpu.errors import QuantNpuError
 
             raise QuantNpuError(f"promote fraction must be in [0, 1], got {fraction}")
         self.calibration, self.fraction, self.bits, self.progress = list(calibration), fraction, bits, progress
+        # leading positions left out of the statistics (their own 16-bit MLP copy: SplitLeadingTokens)
+        self.skip_leading = skip_leading
         self.sensitivities: list[Sensitivity] = []
 
     def _stream(self, gm, inputs: dict[torch.fx.Node, torch.fx.Node], visit, what: str) -> None:
@@ -76,14 +78,15 @@ class AssignBitWidths(GraphPass):
         by_name = {n.name: n for n in measured.graph.nodes}
         inputs = {by_name[down.args[0].name]: down for down in downs}
         stats = {node: RunningStats() for node in inputs}
-        self._stream(measured, inputs, lambda node, x: stats[node].update(x), "max")
+        skip = self.skip_leading
+        self._stream(measured, inputs, lambda node, x: stats[node].update(x[:, skip:]), "max")
         encodings = {node: Encoding(bits=8, scale=float32_exact(max_min_scale(s.tensor_stats(), 8)))
                      for node, s in stats.items()}
         error = dict.fromkeys(inputs, 0.0)
         total = dict.fromkeys(inputs, 0.0)
 
         def accumulate(node, x):
-            x = x.detach()
+            x = x.detach()[:, skip:]
             error[node] += float((x - encodings[node].fake_quantize(x)).double().square().sum())
             total[node] += float(x.double().square().sum())
 

@@ -37,6 +37,7 @@ from quantnpu.memory import release_freed_memory
 from quantnpu.passes.base import GraphPass, PassResult
 from quantnpu.passes.static_calibration import StaticCalibration
 from quantnpu.passes.weights import replace_weight, weight_tensor
+from quantnpu.quantizers.bit_plan import LEADING_TAG
 from quantnpu.quantizers.encodings import Encoding
 from quantnpu.quantizers.observers import EncodingObserver
 
@@ -167,10 +168,18 @@ class RoundWeightsGptq(GraphPass):
             for batch in tqdm(self.calibration, desc="GPTQ statistics", unit="window", disable=not self.progress):
                 ValueWatcher(gm, inputs, accumulate).run(batch)
                 release_freed_memory()
-        for linear, parameter, observer in tqdm(targets, desc="GPTQ rounding", unit="weight", disable=not self.progress):
+        # A weight read by several linears (an MLP split by SplitLeadingTokens) is rounded once, for
+        # all of its inputs together: the Hessian sums their Gram matrices.
+        readers: dict[str, list] = {}
+        for linear, parameter, observer in targets:
+            readers.setdefault(str(parameter.target), []).append((linear, parameter, observer))
+        for group in tqdm(readers.values(), desc="GPTQ rounding", unit="weight", disable=not self.progress):
+            linear, parameter, observer = min(group, key=lambda t: getattr(node_info(t[0]), "role", "").endswith(LEADING_TAG))
             encoding = observer.encoding
+            if any(other.encoding != encoding for _, _, other in group):
+                raise GraphStructureError("one weight read with two different encodings", group[-1][0].name)
             weight = weight_tensor(gm, parameter)
-            hessian = hessians[linear.args[0]] / max(rows[linear.args[0]], 1)
+            hessian = sum(hessians[t[0].args[0]] for t in group) / max(sum(rows[t[0].args[0]] for t in group), 1)
             original = weight.double()
             scale = torch.tensor(encoding.scale, dtype=torch.float64).reshape(-1, 1)
             nearest = encoding.fake_quantize(weight.detach()).double()

@@ -80,6 +80,9 @@ class SmoothingConfig:
     search_criterion: str = "producer"  # "linear": the linear's input and weight only (the ablation)
     global_alphas: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7)  # each costs a stage-two calibration
     global_windows: int = 4
+    # positions at the start of each window left out of down_proj's statistics: the leading-token
+    # split gives them their own 16-bit copy of the MLP (the pipeline sets it)
+    skip_leading: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in SMOOTH_MODES:
@@ -89,6 +92,8 @@ class SmoothingConfig:
                 raise QuantNpuError(f"smoothing: alpha must be in [0, 1], got {alpha}")
         if self.search_criterion not in ("producer", "linear"):
             raise QuantNpuError(f"smoothing: search criterion must be producer or linear, got {self.search_criterion!r}")
+        if self.skip_leading < 0:
+            raise QuantNpuError(f"smoothing: skip_leading must be >= 0, got {self.skip_leading}")
         if self.global_windows < 1 or self.sample_rows < 1:
             raise QuantNpuError("smoothing: global_windows and sample_rows must be at least 1")
         unknown = [t for t in self.targets if t not in SMOOTH_TARGETS]
@@ -286,8 +291,11 @@ class SmoothUnrotatedInputs(GraphPass):
         samples: dict[tuple, list[torch.Tensor]] = {}
         per_window = math.ceil(self.config.sample_rows / len(self.calibration))
 
-        def visit(node, value):
+        skip = self.config.skip_leading
+
+        def visit(node, whole):
             for key in watched[node]:
+                value = whole[:, skip:] if skip and node_info(key[0]).kind == "down_proj" and whole.dim() >= 3 else whole
                 if key[1] != "gate":
                     channel = _channel_max(value)
                     maxima[key] = channel if key not in maxima else torch.maximum(maxima[key], channel)

@@ -15,6 +15,10 @@ attention K/V tensors. Tensors are named by labels that say what makes or reads 
 | edge `*.down_proj.input`      | 8 (16 by override or by sensitivity, Sec. 4.4)           |
 | other edges `*.input`         | A if the input is rotated, else max(A, 8)                |
 
+The leading-token copy of an MLP (SplitLeadingTokens; roles `layers.3.down_proj@leading`) follows
+the same rules as the tensors it copies, with encodings of its own. Overrides match both its own
+labels and the copied ones: `*.down_proj.input=16` covers both copies, `*@leading.*=16` only it.
+
 An edge into a linear re-quantizes the tensor it reads (e.g. a 16-bit norm output read at A bits).
 Overrides (`pattern=bits`, fnmatch over labels and graph node names; the last matching one wins)
 come after the rules; one that puts an unrotated tensor below 8 bits is allowed, and the
@@ -31,6 +35,7 @@ from dataclasses import dataclass
 from quantnpu.errors import QuantNpuError
 
 ALLOWED_BITS = (4, 8, 16)
+LEADING_TAG = "@leading"  # role suffix of an MLP's leading-token copy (passes/split_leading_tokens.py)
 _CONFIG = re.compile(r"^(\d+)-(\d+)-(\d+)$")
 
 
@@ -69,6 +74,10 @@ class BitPlan:
         text = f"{self.weights}-{self.activations}-{self.kv}"
         return text + "".join(f" {p}={b}" for p, b in self.overrides)
 
+    @staticmethod
+    def _untagged(labels: Iterable[str]) -> list[str]:
+        return [label.replace(LEADING_TAG + ".", ".") for label in labels]
+
     def _override(self, bits: int, why: str, names: Iterable[str]) -> tuple[int, str]:
         names = list(names)
         for pattern, override in self.overrides:
@@ -78,7 +87,8 @@ class BitPlan:
 
     def tensor_bits(self, labels: Iterable[str], names: Iterable[str] = ()) -> tuple[int, str]:
         """(bits, why) for a tensor with these labels (and graph node names)."""
-        labels = sorted(labels)
+        tagged = sorted(labels)
+        labels = self._untagged(tagged)
 
         def has(suffix: str) -> list[str]:
             return [label for label in labels if label.endswith(suffix)]
@@ -94,11 +104,12 @@ class BitPlan:
                 bits, why = 8, "linear output"
         else:
             bits, why = 16, "default 16"
-        return self._override(bits, why, (*labels, *names))
+        return self._override(bits, why, (*tagged, *labels, *names))
 
     def input_bits(self, linear_role: str, rotated: bool, promoted: tuple[int, str] | None = None) -> tuple[int, str]:
         """(bits, why) for the edge into a linear (its input activation). `promoted`: (bits, why)
         from sensitivity-based mixed precision, which replaces the rule; overrides still win."""
+        tagged, linear_role = linear_role, linear_role.removesuffix(LEADING_TAG)
         if promoted is not None:
             bits, why = promoted
         elif linear_role == "lm_head":
@@ -109,4 +120,4 @@ class BitPlan:
             bits, why = self.activations, "A (rotated)"
         else:
             bits, why = max(self.activations, 8), "A, unrotated: at least 8"
-        return self._override(bits, why, (f"{linear_role}.input",))
+        return self._override(bits, why, (f"{tagged}.input", f"{linear_role}.input"))
