@@ -10,7 +10,7 @@ import torch
 
 from quantnpu.errors import PassFailedError, QuantNpuError
 from quantnpu.graph.equivalence import sample_token_ids
-from quantnpu.graph.meta import node_info, nodes_by_role, tensor_quant
+from quantnpu.graph.meta import node_info, nodes_by_role
 from quantnpu.models.export import export_causal_lm
 from quantnpu.models.tiny import FAMILIES, tiny_model
 from quantnpu.passes import LeadingTokenSplit, PassManager, SplitLeadingTokens
