@@ -1,6 +1,5 @@
 """The QNN libraries on this machine: layout, version detection, and the ABI bridge."""
 
-import os
 import re
 import subprocess
 import sys
