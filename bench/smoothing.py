@@ -154,8 +154,9 @@ def write(results: dict, out: Path) -> None:
         "the same without the producer; `learn` = search, then learned in stage one; `global` = one alpha for all layers by the quantized model's KL to float on 4 calibration "
         "windows. GPTQ: the 4-bit weights (gptq8: every weight) re-rounded with the calibration inputs "
         "as the quantized graph sees them, same scales. 16-bit linear inputs: down_proj inputs (lm_head reads 16 bits "
-        "in every plan; the 16-bit copies of split MLPs read one token and are not counted). Leading-token split (`lead`): the MLPs "
-        "whose first token is over 2x larger than the rest somewhere get a 16-bit copy for that token (SplitLeadingTokens, auto). "
+        "in every plan, and gate_proj reads 16 bits since its output is 16-bit). Leading-token split (`lead`): the MLPs whose first "
+        "token is over 2x larger than the rest somewhere get a copy for that token with the same plan and encodings of its own "
+        "(SplitLeadingTokens, auto). "
         "Every RMSNorm is one `rms_norm` op (rows measured before that change, with norms quantized op by op, are in this "
         "file's git history). Pipeline seconds are wall-clock per row; rows run while another job shared the 2 cores read high.", "",
         "| W-A-KV | promotion | smoothing | rounding | stage one | leading-token split (layers) | 16-bit linear inputs | ppl | x float | target | pipeline s |",
