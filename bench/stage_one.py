@@ -36,25 +36,27 @@ from quantnpu.models.export import export_causal_lm  # noqa: E402
 from quantnpu.models.smollm2 import load_smollm2  # noqa: E402
 from quantnpu.passes import PassManager, StaticCalibration  # noqa: E402
 from quantnpu.passes.learn_encodings import LearnEncodings, StageOneConfig  # noqa: E402
-from quantnpu.pipeline import find_pass, pipeline  # noqa: E402
+from quantnpu.pipeline import fake_quant_end, find_pass, pipeline  # noqa: E402
 from quantnpu.quantizers.bit_plan import BitPlan  # noqa: E402
 from quantnpu.runtime_harness.perplexity import perplexity  # noqa: E402
 from quantnpu.runtime_harness.records import package_versions, peak_memory_mib  # noqa: E402
 from static import converted, float_graph, pte_measurement, pte_setting  # noqa: E402  (bench/ is the script's directory)
 
-# name -> (fraction of down_proj inputs promoted by sensitivity, stage one?, overrides)
+# name -> (fraction of down_proj inputs promoted by sensitivity, stage one?, overrides, weight rounding)
 ROWS = {
-    "static": (0.0, False, ()),
-    "mixed10": (0.1, False, ()),
-    "stage1": (0.0, True, ()),
-    "stage1+mixed10": (0.1, True, ()),
-    "down16": (0.0, False, ("*.down_proj.input=16",)),
+    "static": (0.0, False, (), "nearest"),
+    "mixed10": (0.1, False, (), "nearest"),
+    "stage1": (0.0, True, (), "nearest"),
+    "stage1+mixed10": (0.1, True, (), "nearest"),
+    "stage1+mixed10+gptq": (0.1, True, (), "gptq"),
+    "down16": (0.0, False, ("*.down_proj.input=16",), "nearest"),
 }
 ROW_TITLES = {"static": "static only", "mixed10": "+ mixed precision 10%", "stage1": "+ stage one",
-              "stage1+mixed10": "+ stage one and 10%", "down16": "100% down_proj inputs at 16 bits (static)"}
-# The static bench's rows in this setting (16 x 512, calibration 8 x 512) are read, not recomputed.
-DEFAULT_RUNS = ([f"{bits}:stage1+mixed10" for bits in ("4-8-8", "8-8-8", "4-4-8")] + ["8-8-8:pte", "4-8-8:pte"]
-                + ["4-8-8:down16", "4-4-8:down16"] + [f"{bits}:stage1" for bits in ("4-8-8", "8-8-8", "4-4-8")])
+              "stage1+mixed10": "+ stage one and 10%", "stage1+mixed10+gptq": "+ stage one and 10%, GPTQ-rounded 4-bit weights",
+              "down16": "100% down_proj inputs at 16 bits (static)"}
+CONFIGS = ("8-8-8", "4-8-8", "4-4-8")
+DEFAULT_RUNS = ([f"{bits}:{row}" for bits in CONFIGS for row in ("static", "mixed10", "down16", "stage1", "stage1+mixed10")]
+                + ["4-8-8:stage1+mixed10+gptq", "4-4-8:stage1+mixed10+gptq", "8-8-8:pte", "4-8-8:pte"])
 TARGETS = {"8-8-8": 1.45, "4-8-8": 2.2, "4-4-8": 3.0}  # the issue's, for stage one + 10%, x float
 
 
@@ -80,40 +82,18 @@ def plain_step_seconds(graph, window) -> float:
     return min(times)
 
 
-def existing_rows(seq_len: int, eval_windows: int, calib_windows: int) -> list[dict]:
-    """Rows the static bench already measured in this setting (bench/results/static.json and
-    mixed_precision.json, same windows and calibration): not recomputed here."""
-    rows = []
-    for name in ("static", "mixed_precision"):
-        path = ROOT / "bench" / "results" / f"{name}.json"
-        if not path.is_file():
-            continue
-        data = json.loads(path.read_text())
-        if (data["eval"]["seq_len"], data["eval"]["windows"], data["calibration"]["windows"]) != (seq_len, eval_windows, calib_windows):
-            continue
-        for r in data["rows"]:
-            if r["rotate"] != "hadamard":
-                continue
-            kind = ("down16" if r["overrides"] == ["*.down_proj.input=16"] else None) if r["overrides"] else \
-                ("mixed10" if r.get("promote_fraction", 0.0) == 0.1 else "static")
-            if kind is not None:
-                rows.append({"bits": r["bits"], "row": kind, "ppl": r["ppl"], "seconds": r["seconds"],
-                             "source": f"bench/results/{name}.json"})
-    return rows
-
-
 def run_row(graph, bits: str, row: str, calibration, stage_one: StageOneConfig):
     """The pipeline up to StaticCalibration on a copy of `graph`: (fake-quant graph, facts)."""
-    promote, learn, overrides = ROWS[row]
+    promote, learn, overrides, rounding = ROWS[row]
     plan = BitPlan.parse(bits, overrides)
     passes = pipeline(plan, calibration, "hadamard", progress=True, promote_fraction=promote,
-                      stage_one=stage_one if learn else None)
+                      stage_one=stage_one if learn else None, weight_rounding=rounding)
     learner = find_pass(passes, LearnEncodings)
     if learner is not None:
         learner.measure_float_step = True
     start = time.perf_counter()
-    fq = PassManager(passes, stop_after="StaticCalibration", progress=True).run(copy.deepcopy(graph))
-    facts = {"seconds": round(time.perf_counter() - start, 1),
+    fq = PassManager(passes, stop_after=fake_quant_end(passes), progress=True).run(copy.deepcopy(graph))
+    facts = {"seconds": round(time.perf_counter() - start, 1), "weight_rounding": rounding,
              "learned_encodings_kept": find_pass(passes, StaticCalibration).learned_used}
     if learner is not None:
         step = sum(r.seconds for r in learner.history) / len(learner.history)
@@ -126,9 +106,30 @@ def run_row(graph, bits: str, row: str, calibration, stage_one: StageOneConfig):
             "loss_first": learner.history[0].task_loss, "loss_last": learner.history[-1].task_loss,
             "loss": [round(r.task_loss, 4) for r in learner.history],
             "orthogonality": learner.orthogonality,
-            "quantizers": len(learner.sites),
+            "quantizers": len(learner.sites), "lr_rotation": stage_one.lr_rotation, "lr_scale": stage_one.lr_scale,
         }
     return fq, plan, passes, facts
+
+
+def row_key(row: dict) -> tuple:
+    """Rows are kept per (config, row, rotation lr): a rerun replaces its own row only."""
+    return row["bits"], row["row"], (row.get("stage_one") or {}).get("lr_rotation")
+
+
+def merged(previous: dict | None, results: dict) -> dict:
+    """`results` with the rows of an earlier invocation in the same setting that it did not rerun
+    (`--merge`: one row per process keeps memory bounded)."""
+    if previous is None or (previous["eval"], previous["calibration"]) != (results["eval"], results["calibration"]):
+        return results
+    mine = {row_key(r) for r in results["rows"]}
+    mine_pte = {(r["bits"], r["row"]) for r in results["pte"]}
+    out = dict(results)
+    out["rows"] = [r for r in previous["rows"] if row_key(r) not in mine] + results["rows"]
+    out["pte"] = [r for r in previous.get("pte", []) if (r["bits"], r["row"]) not in mine_pte] + results["pte"]
+    if results.get("pte_eval") is None and previous.get("pte_eval"):
+        out["pte_eval"] = previous["pte_eval"]
+    out["commands"] = previous.get("commands", [previous["command"]]) + [results["command"]]
+    return out
 
 
 def write(results: dict, out: Path) -> None:
@@ -137,31 +138,32 @@ def write(results: dict, out: Path) -> None:
     s1 = results["stage_one_config"]
     lines = [
         "# Stage one and mixed precision: SmolLM2-135M-Instruct, Brown evaluation split", "",
-        f"Command: `{results['command']}`", "",
+        "Commands (each row in its own process; rows of a rerun replace their own):", "",
+        *[f"    {c}" for c in results.get("commands", [results["command"]])], "",
         f"Fake-quant ppl, {results['eval']['windows']} x {results['eval']['seq_len']}-token windows; calibration (stage one's "
         f"training windows too) {results['calibration']['windows']} x {results['calibration']['seq_len']}. Rotated (random "
         f"Hadamard R1/R2) in every row. Float ppl {float_ppl:.3f}.", "",
         f"Stage one: {s1['optimize']}, {s1['steps']} steps of {s1['batch']} window, lr {s1['lr_scale']} scales (relative to "
-        f"each scale's size), {s1['lr_rotation']} rotations (Cayley SGD), cosine decay, local loss for the first "
+        f"each scale's size), rotations (Cayley SGD) at each row's lr, cosine decay, local loss for the first "
         f"{s1['local_steps'] if s1['local_steps'] is not None else s1['steps'] // 4} steps, init {s1['init']}, {s1['loss']} loss.", "",
         "Stage one s/step against a plain float forward+backward of the exported model on one window (all weights "
         "learnable), measured in the same run; in brackets the same fused graph with its quantizers off (R1/R2 recomputed "
         "into every weight each forward, the part of a step that learning rotations adds).", "",
-        "| W-A-KV | row | fake-quant ppl | x float | target (stage one + 10%) | stage one s/step | plain float fwd+bwd s | ratio | pipeline s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| W-A-KV | row | rotation lr | fake-quant ppl | x float | target (stage one + 10%) | stage one s/step | plain float fwd+bwd s | ratio | pipeline s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = list(ROWS)
-    rows = results["rows"] + [r for r in results.get("existing", []) if not any(
-        (m["bits"], m["row"]) == (r["bits"], r["row"]) for m in results["rows"])]
-    for row in sorted(rows, key=lambda r: (r["bits"], order.index(r["row"]))):
+    for row in sorted(results["rows"], key=lambda r: (CONFIGS.index(r["bits"]), order.index(r["row"]), row_key(r))):
         s = row.get("stage_one")
         target = f"<= {TARGETS[row['bits']]}x ({TARGETS[row['bits']] * float_ppl:.1f})" if row["row"] == "stage1+mixed10" else ""
         met = "" if not target else (" met" if row["ppl"] <= TARGETS[row["bits"]] * float_ppl else " **missed**")
-        lines.append(f"| {row['bits']} | {ROW_TITLES[row['row']]} | {row['ppl']:.3f} | {row['ppl'] / float_ppl:.2f} | {target}{met} | "
+        lr = f"{s['lr_rotation']:g}" if s else ""
+        lines.append(f"| {row['bits']} | {ROW_TITLES[row['row']]} | {lr} | {row['ppl']:.3f} | {row['ppl'] / float_ppl:.2f} | {target}{met} | "
                      + (f"{s['seconds_per_step']:.2f} | {s['plain_float_forward_backward_seconds']:.2f} "
                         f"({s['float_forward_backward_with_rotations_seconds']:.2f}) | {s['step_ratio']:.2f}" if s else "- | - | -")
-                     + f" | {row['seconds']:.0f}" + (f" (from {row['source']})" if row.get("source") else "") + " |")
-    lines += ["", f"Peak RSS of the run: {results.get('peak_rss_mib', float('nan')):.0f} MiB.", ""]
+                     + f" | {row['seconds']:.0f} |")
+    lines += ["", "Peak RSS per row (each row ran in its own process): "
+              + ", ".join(f"{r['bits']} {r['row']} {r['peak_rss_mib']:.0f}" for r in results["rows"]) + " MiB.", ""]
     if results.get("pte"):
         lines += [f"## `.pte` on the x86 HTP simulator ({results['pte_eval']['windows']} x {results['pte_eval']['seq_len']} tokens, SM8650)", "",
                   "| W-A-KV | row | float | fake-quant | Q/DQ graph | .pte | .pte vs fake-quant | delegates | lower (s) |",
@@ -186,8 +188,11 @@ def main() -> int:
     parser.add_argument("--pte-seq-len", type=int, default=128)
     parser.add_argument("--pte-windows", type=int, default=4)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "stage_one"))
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows of the existing results file (same windows) that this run does not redo")
     args = parser.parse_args()
     out = Path(args.out)
+    previous = json.loads(out.with_suffix(".json").read_text()) if args.merge and out.with_suffix(".json").is_file() else None
     stage_one = StageOneConfig(steps=args.steps, lr_scale=args.lr_scale, lr_rotation=args.lr_rotation)
     qnn_sdk.activate(qnn_sdk.prepare_qnn_sdk())
     model, tokenizer = load_smollm2()
@@ -201,7 +206,6 @@ def main() -> int:
         "stage_one_config": asdict(stage_one), "torch_threads": torch.get_num_threads(),
         "float": float("nan"), "rows": [], "pte": [], "versions": package_versions(),
     }
-    results["existing"] = existing_rows(args.seq_len, args.eval_windows, args.calib_windows)
     began = time.perf_counter()
     runs = []
     for run in args.runs:
@@ -217,7 +221,10 @@ def main() -> int:
                 calibration = list(token_windows(calib_tokens, args.seq_len, args.calib_windows).unsqueeze(1))
                 exported = export_causal_lm(model, args.seq_len).module()
                 setting = (exported, windows, calibration)
-                results["float"] = perplexity(float_graph(exported), windows, "float (rotated)").ppl
+                if previous is not None and (previous["eval"], previous["calibration"]) == (results["eval"], results["calibration"]):
+                    results["float"] = previous["float"]  # the same windows and model: measured by the first invocation
+                else:
+                    results["float"] = perplexity(float_graph(exported), windows, "float (rotated)").ppl
                 release_freed_memory()
             exported, windows, calibration = setting
             fq, plan, _, facts = run_row(exported, bits, row, calibration, stage_one)
@@ -242,11 +249,11 @@ def main() -> int:
             print(f"{bits}: float {pte_float:.3f} fake-quant {row['fake_quant']:.3f} Q/DQ {row['qdq']:.3f} .pte {row['pte']:.3f}", flush=True)
             del fq, quantized
         results["peak_rss_mib"] = peak_memory_mib()
-        write(results, out)
+        write(merged(previous, results), out)
         release_freed_memory()
     results["total_seconds"] = round(time.perf_counter() - began, 1)
     results["peak_rss_mib"] = peak_memory_mib()
-    write(results, out)
+    write(merged(previous, results), out)
     return 0
 
 

@@ -132,6 +132,11 @@ def _lower_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-verify", action="store_true", help="skip the check that the float passes keep the input graph's function "
                         "(on seeded random ids); only for a graph you know the verifier cannot run")
     parser.add_argument("--allow-cpu-ops", action="store_true", help="accept ops left outside QNN delegates")
+    parser.add_argument("--check-agreement", action="store_true",
+                        help="after lowering, run a copy of the program that also returns every quantized tensor on the HTP "
+                             "simulator (one calibration window) and compare each with its op recomputed in the Q/DQ graph "
+                             "from the device's own inputs; prints the largest difference per layer, exit code 3 if any "
+                             "tensor is over 2 8-bit steps' worth")
     parser.add_argument("--record", help="JSON record of the run (default: <output>.json)")
     parser.add_argument("-q", "--quiet", action="store_true")
     parser.add_argument("-v", "--verbose", action="store_true", help="show ExecuTorch's and QNN's own log lines")
@@ -336,6 +341,18 @@ def _lower(args: argparse.Namespace) -> int:
         print(f"\n{'':<22}{'ppl':>10}   ({args.eval_windows} windows x {seq_len} tokens of {args.eval_text or 'Brown evaluation'})")
         for name, result in results.items():
             print(f"{_RESULT_NAMES[name]:<22}{result.ppl:10.3f}   ({result.seconds:.1f} s)")
+    agreement = None
+    if args.check_agreement:
+        from dataclasses import asdict
+
+        from quantnpu.runtime_harness.agreement import check_agreement
+
+        agreement = stages.run("check agreement", lambda: check_agreement(
+            quantized, (batches[0],), output.with_name(output.stem + ".taps.pte"), args.soc))
+        print("\n" + agreement.per_layer())
+        record["agreement"] = {"ok": agreement.ok, "summary": agreement.summary(), "tolerance": agreement.tolerance,
+                               "unobserved": len(agreement.unobserved),
+                               "tensors": [asdict(t) for t in agreement.tensors]}
     record["seconds"] = stages.seconds
     from quantnpu.runtime_harness.records import write_record
 
@@ -344,6 +361,10 @@ def _lower(args: argparse.Namespace) -> int:
     print(f".pte: {lowered.pte_path}")
     if args.eval:
         print(f"ppl on the HTP simulator: {results['pte_htp_simulator'].ppl:.3f}")
+    if agreement is not None:
+        print(agreement.summary(), file=sys.stdout if agreement.ok else sys.stderr)
+        if not agreement.ok:
+            return 3
     return 0
 
 

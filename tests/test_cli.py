@@ -123,6 +123,16 @@ def test_end_to_end_on_a_tiny_model(tmp_path, tiny_pt2):
     assert {e.bits for e in activations.values()} == {8, 16}
 
 
+def test_check_agreement_reports_per_layer(tmp_path, tiny_pt2):
+    output = tmp_path / "tiny.pte"
+    result = _lower(tiny_pt2, "-o", output, "--calib-windows", "2", "--bits", "8-8-8", "--steps", "2", "--check-agreement", "-q")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "layers.0" in result.stdout and result.stdout.splitlines()[-1].startswith("agreement: ")
+    record = json.loads(output.with_suffix(".json").read_text())
+    assert record["agreement"]["ok"] and len(record["agreement"]["tensors"]) > 20
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.json", "tiny.pte"]  # the tapped program is gone
+
+
 def test_stop_after_prints_the_intermediate_graph(tiny_pt2, tmp_path):
     result = _lower(tiny_pt2, "--stop-after", "FoldConstants", "-q")
     assert result.returncode == 0, result.stderr

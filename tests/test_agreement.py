@@ -1,0 +1,70 @@
+"""The agreement check: each quantized tensor of a `.pte` on the HTP simulator against its op
+recomputed, in the Q/DQ graph, from the device's own inputs."""
+
+import copy
+
+import pytest
+import torch
+
+from quantnpu.graph.meta import QUANT_KEY
+from quantnpu.graph.ops import quantize_kind
+from quantnpu.pipeline import pipeline
+from quantnpu.runtime_harness.agreement import agreement_tensors, check_agreement
+from tests.graph_testing import run_passes, tiny_graph
+
+SEQ = 16
+
+
+@pytest.fixture(scope="module")
+def tiny_qdq():
+    torch.manual_seed(0)
+    graph = tiny_graph("llama", layers=2, seq_len=SEQ)
+    calibration = [torch.randint(0, 128, (1, SEQ)) for _ in range(8)]
+    quantized = run_passes(graph, pipeline("8-8-8", calibration))
+    window = torch.randint(0, 128, (1, SEQ), generator=torch.Generator().manual_seed(7))
+    return quantized, window
+
+
+def _quantize_of(gm: torch.fx.GraphModule, label: str) -> torch.fx.Node:
+    """The quantize node of the tensor the bit plan calls `label`."""
+    for node in gm.graph.nodes:
+        if quantize_kind(node) == "quantize" and isinstance(node.args[0], torch.fx.Node):
+            record = node.args[0].meta.get(QUANT_KEY)
+            if record is not None and label in record.labels:
+                return node
+    raise AssertionError(f"no quantized tensor labelled {label}")
+
+
+def test_quantnpu_pte_agrees_with_its_qdq_graph_op_by_op(tiny_qdq, tmp_path):
+    quantized, window = tiny_qdq
+    report = check_agreement(quantized, (window,), tmp_path / "taps.pte")
+    assert report.ok, report.summary() + "\n" + report.per_layer()
+    assert len(report.tensors) >= 60  # every op's output and every re-quantized edge of two layers
+    eight_bit = [t for t in report.tensors if t.bits == 8]
+    # HTP's fixed-point requantization rounds a few values the other way: at most one step
+    assert eight_bit and max(t.local_max for t in eight_bit) <= 1
+    assert "layers.1" in report.per_layer() and report.summary().startswith("agreement:")
+    assert not list(tmp_path.iterdir())  # the tapped program is removed
+
+
+def test_a_planted_encoding_mismatch_is_caught_and_named(tiny_qdq, tmp_path):
+    """A Q/DQ graph that does not model what the device computes: in the reference, the readers of
+    layers.1's k_proj output dequantize it with a scale 1.5x the one it was quantized with (the kind of
+    edge a dropped or misapplied re-quantization leaves), while the device program is the real one.
+    Lowering is value-preserving across such an edge, the Q/DQ arithmetic is not: the check fails at
+    the first tensor computed from that edge, in layer 1, and everything before it still agrees."""
+    quantized, window = tiny_qdq
+    reference = copy.deepcopy(quantized)
+    planted = _quantize_of(reference, "layers.1.k_proj.output")
+    for dequantize in list(planted.users):
+        dequantize.args = (dequantize.args[0], float(dequantize.args[1]) * 1.5, *dequantize.args[2:])
+    reference.recompile()
+    report = check_agreement(reference, (window,), tmp_path / "planted.pte", device_graph=quantized)
+    assert not report.ok
+    first = report.failures()[0]
+    assert first.layer == 1 and first.local_max > 8
+    names = [n.name for n in agreement_tensors(reference)]
+    assert names.index(first.tensor) > names.index(planted.name)
+    assert report.summary().startswith("agreement check failed") and first.tensor in report.summary()
+    upstream = [t for t in report.tensors if names.index(t.tensor) <= names.index(planted.name)]
+    assert upstream and all(t.local_fraction <= report.tolerance for t in upstream)
