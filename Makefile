@@ -14,6 +14,7 @@ setup:
 run: setup
 	$(PY) tools/export.py --model smollm2 --seq-len $(SEQ) -o $(PT2)
 	$(PY) tools/lower.py $(PT2) -o $(PTE) --bits $(BITS) --eval
+	$(PY) -m quantnpu report $(PTE:.pte=.json)
 
 test: setup
 	$(PY) -m pytest -q

@@ -395,7 +395,9 @@ def _quantnpu_record(args: argparse.Namespace, passes, quantized) -> dict:
     if learned is not None and not args.quiet:
         print(learned.report())
     table = quantized.meta[ENCODINGS_META]
-    extra = {"bits": args.bits, "htp_deviations": [asdict(d) for d in deviations],
+    from quantnpu.report import linear_bit_grid
+
+    extra = {"bits": args.bits, "htp_deviations": [asdict(d) for d in deviations], "linear_bits": linear_bit_grid(quantized),
              "encodings": {"activations": len(table.activations), "params": len(table.params), "requantized_inputs": len(table.edges)}}
     if assign is not None:
         extra["mixed_precision"] = {"fraction": args.promote_fraction, "down_proj_inputs": [asdict(s) for s in assign.sensitivities]}
@@ -523,3 +525,34 @@ def export_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="export again even if the output exists")
     parser.add_argument("-v", "--verbose", action="store_true", help="show the libraries' own log lines")
     return _run_quietly(_export, parser.parse_args(argv))
+
+
+def _report(args: argparse.Namespace) -> int:
+    from quantnpu.report import write_report
+
+    if args.windows < 1:
+        raise QuantNpuError(f"--windows must be positive, got {args.windows}")
+    path = write_report(args.record, args.output, args.model, args.layer, args.windows)
+    print(f"report: {path}")
+    return 0
+
+
+def quantnpu_main(argv: Sequence[str] | None = None) -> int:
+    """`quantnpu lower|export|report ...`: the package's commands under one name."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"lower": main, "export": export_main, "report": report_main}
+    if not argv or argv[0] not in commands:
+        print(f"usage: quantnpu {{{','.join(commands)}}} ...", file=sys.stderr)
+        return 2
+    return commands[argv[0]](argv[1:])
+
+
+def report_main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="quantnpu report", description="One HTML page about a run: figures, bit widths, ppl, timings.")
+    parser.add_argument("record", help="the run record tools/lower.py wrote beside the .pte (.json)")
+    parser.add_argument("-o", "--output", help="the page to write (default: beside the record, .html)")
+    parser.add_argument("--model", help="the .pt2 for the activation figures (default: the record's model)")
+    parser.add_argument("--layer", type=int, help="the layer of the activation figures (default: the most sensitive down_proj's)")
+    parser.add_argument("--windows", type=int, default=1, help="evaluation windows for the activation figures")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show the libraries' own log lines")
+    return _run_quietly(_report, parser.parse_args(argv))

@@ -126,7 +126,7 @@ def _is_move(node: torch.fx.Node) -> bool:
 
 
 def _bits_of(quantize: torch.fx.Node) -> int:
-    return (int(quantize.args[4]) - int(quantize.args[3]) + 1).bit_length() - 1
+    return (int(quantize.args[4]) - int(quantize.args[3])).bit_length()
 
 
 def agreement_tensors(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:

@@ -1,0 +1,7 @@
+"""`python -m quantnpu lower|export|report ...`"""
+
+import sys
+
+from quantnpu.cli import quantnpu_main
+
+sys.exit(quantnpu_main())
