@@ -101,7 +101,8 @@ def overall(ppls: list[float]) -> float:
     return math.exp(sum(math.log(p) for p in ppls) / len(ppls))
 
 
-def measure(row: dict, graph, windows, calibration, stage_one: StageOneConfig, work: Path, agreement: bool) -> dict:
+def measure(row: dict, graph, windows, calibration, stage_one: StageOneConfig, work: Path, agreement: bool,
+            agreement_layers: set[int] | None) -> dict:
     fq, plan, facts = run_row(graph, row, calibration, stage_one)
     quantized = converted(fq, plan, calibration)
     hypothesis, widened = without_narrow_rounding_before_widening(quantized)
@@ -123,7 +124,7 @@ def measure(row: dict, graph, windows, calibration, stage_one: StageOneConfig, w
     result["relative_gap"] = (result["pte"] - result["fake_quant"]) / result["fake_quant"]
     if agreement:
         start = time.perf_counter()
-        report = check_agreement(quantized, (windows[:1],), work / f"fidelity_{name}.taps.pte")
+        report = check_agreement(quantized, (windows[:1],), work / f"fidelity_{name}.taps.pte", layers=agreement_layers)
         by_bits: dict = {}
         for t in report.tensors:
             entry = by_bits.setdefault(t.bits, {"tensors": 0, "local_max": 0, "local_mean": 0.0, "drift_max": 0})
@@ -133,7 +134,7 @@ def measure(row: dict, graph, windows, calibration, stage_one: StageOneConfig, w
             entry["drift_max"] = max(entry["drift_max"], t.drift_max)
         for entry in by_bits.values():
             entry["local_mean"] /= entry["tensors"]
-        result["agreement"] = {"ok": report.ok, "summary": report.summary(), "per_layer": report.per_layer(),
+        result["agreement"] = {"layers": sorted(agreement_layers) if agreement_layers else "all", "ok": report.ok, "summary": report.summary(), "per_layer": report.per_layer(),
                                "unobserved": len(report.unobserved), "by_bits": by_bits,
                                "seconds": round(time.perf_counter() - start, 1)}
     return result
@@ -164,7 +165,7 @@ def write(results: dict, out: Path) -> None:
                          f"{d:+.3f} ({100 * d / w['fake_quant'][i]:+.2f}%) | {'-' if d < 0 else '+'} | {w['hypothesis_no_narrow_rounding'][i]:.3f} |")
         if "agreement" in r:
             a = r["agreement"]
-            lines += ["", f"Agreement check on window 0 ({a['seconds']:.0f} s): {a['summary']}", "",
+            lines += ["", f"Agreement check on window 0, tensors of layers {a['layers']} and the model's own ({a['seconds']:.0f} s): {a['summary']}", "",
                       "| bits | tensors | largest local difference (steps) | mean local difference (steps) | largest drift from the Q/DQ graph run alone (steps) |",
                       "|---|---|---|---|---|"]
             for bits, e in sorted(a["by_bits"].items(), key=lambda kv: int(kv[0])):
@@ -181,6 +182,8 @@ def main() -> int:
     parser.add_argument("--calib-windows", type=int, default=32)
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--no-agreement", action="store_true", help="skip the per-tensor agreement check")
+    parser.add_argument("--agreement-layers", type=int, nargs="*", default=[0, 1, 11, 27, 28, 29],
+                        help="decoder layers whose tensors the agreement check taps (none given: all)")
     parser.add_argument("--merge", action="store_true", help="keep the other rows of the existing results file")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "fidelity"))
     args = parser.parse_args()
@@ -203,7 +206,8 @@ def main() -> int:
     stage_one = StageOneConfig(steps=args.steps)
     for row in rows:
         start = time.perf_counter()
-        measured = measure(row, graph, windows, calibration, stage_one, out.parent, not args.no_agreement)
+        measured = measure(row, graph, windows, calibration, stage_one, out.parent, not args.no_agreement,
+                           set(args.agreement_layers) if args.agreement_layers else None)
         measured["total_seconds"] = round(time.perf_counter() - start, 1)
         measured["peak_rss_mib"] = peak_memory_mib()
         results["rows"].append(measured)

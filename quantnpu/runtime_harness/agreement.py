@@ -314,15 +314,19 @@ def compare_agreement(gm: torch.fx.GraphModule, quantize_names: list[str], devic
 
 def check_agreement(gm: torch.fx.GraphModule, inputs: tuple[torch.Tensor, ...], pte_path: str | Path,
                     soc: str = "SM8650", device_graph: torch.fx.GraphModule | None = None,
-                    tolerance: float = 2 / 256) -> AgreementReport:
+                    tolerance: float = 2 / 256, layers: set[int] | None = None) -> AgreementReport:
     """Lower a copy of the Q/DQ graph `gm` (or of `device_graph`, a graph with the same node names: how
     a planted mismatch is tested) that also returns every quantized tensor, run it on the HTP
-    simulator on `inputs`, and compare each tensor with `gm`'s (see `compare_agreement`). The tapped
-    `.pte` is removed afterwards."""
+    simulator on `inputs`, and compare each tensor with `gm`'s (see `compare_agreement`); `layers`
+    limits the taps to those decoder layers (the others are still computed, from the device's values
+    where tapped). The tapped `.pte` is removed afterwards."""
     from quantnpu.lowering.lower import lower_to_qnn
     from quantnpu.runtime_harness.pte import PteModel
 
     names = [n.name for n in agreement_tensors(gm)]
+    if layers is not None:  # only these decoder layers' tensors (and the model's own, outside any layer)
+        where = _layers_in_order(gm)
+        names = [name for name in names if where.get(name) is None or where[name] in layers]
     tapped = _tap_quantized(device_graph if device_graph is not None else gm, names)
     pte_path = Path(pte_path)
     try:
