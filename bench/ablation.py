@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from table1 import arguments, measure, rotation_lr, run_rows  # noqa: E402  (bench/ is the script's directory)
+from table1 import bench_main, rotation_lr  # noqa: E402  (bench/ is the script's directory)
 
 STEPS = ("D+R", "S+R", "S+R+scales", "+init", "+selective", "+10%", "+100%", "down16")
 # row -> (optimize, simulate, init, promotion) ; None: no stage one
@@ -81,21 +81,5 @@ def write(results: dict, out: Path) -> None:
     atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
 
 
-def main() -> int:
-    parser = arguments(__doc__.splitlines()[0], [f"4-8-8:{name}" for name in STEPS])
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "ablation"))
-    args = parser.parse_args()
-    if args.one:
-        print(json.dumps(measure(args.one, args.seq_len, args.eval_windows, args.calib_windows, args.steps, args.last_word,
-                                 setup_of=ablation_setup)))
-        return 0
-    for row in args.rows:
-        try:
-            ablation_setup(row, [], args.steps)
-        except ValueError as error:
-            parser.error(str(error))
-    return run_rows(__file__, args.rows, args, Path(args.out), write)
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(bench_main(__file__, __doc__.splitlines()[0], [f"4-8-8:{name}" for name in STEPS], ablation_setup, write, "ablation"))

@@ -57,7 +57,8 @@ def row_setup(row: str, calibration, steps: int) -> dict:
 
     if row in ET_CONFIGS:
         return {"plan": row, "rotate": "none"}
-    method, bits, promotion = row.split(":")
+    parts = row.split(":")
+    method, bits, promotion = parts if len(parts) == 3 else ("", "", "")
     if method not in METHODS or promotion not in ("p10", "p100"):
         raise ValueError(f"row {row!r}: write METHOD:BITS:p10|p100 with METHOD one of {', '.join(METHODS)}, or one of {', '.join(ET_CONFIGS)}")
     plan = BitPlan.parse(bits, ("*.down_proj.input=16",) if promotion == "p100" else ())
@@ -173,20 +174,22 @@ def write(results: dict, out: Path) -> None:
     atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
 
 
-def main() -> int:
-    parser = arguments(__doc__.splitlines()[0], DEFAULT_ROWS)
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "table1"))
+def bench_main(script: str, description: str, default_rows: list[str], setup_of, write, name: str) -> int:
+    """The command line of table1.py and ablation.py: validate the rows, then run each in its own
+    process (`--one ROW` is that process), merging into bench/results/<name>.{json,md}."""
+    parser = arguments(description, default_rows)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / name))
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure(args.one, args.seq_len, args.eval_windows, args.calib_windows, args.steps, args.last_word)))
+        print(json.dumps(measure(args.one, args.seq_len, args.eval_windows, args.calib_windows, args.steps, args.last_word, setup_of)))
         return 0
     for row in args.rows:
         try:
-            row_setup(row, [], args.steps)
+            setup_of(row, [], args.steps)
         except ValueError as error:
             parser.error(str(error))
-    return run_rows(__file__, args.rows, args, Path(args.out), write)
+    return run_rows(script, args.rows, args, Path(args.out), write)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(bench_main(__file__, __doc__.splitlines()[0], DEFAULT_ROWS, row_setup, write, "table1"))

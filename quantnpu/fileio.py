@@ -1,4 +1,4 @@
-"""Atomic writes: a file either appears complete or not at all."""
+"""Atomic writes (a file either appears complete or not at all), and reading a user's JSON file."""
 
 from __future__ import annotations
 
@@ -52,3 +52,19 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     finally:
         if staging.exists():
             shutil.rmtree(staging)
+
+
+def read_json_file(path: str | os.PathLike, what: str):
+    """A JSON document from a user's file, or a one-line InputFileError naming the file (`what`: what
+    the file should be, for the message)."""
+    import json
+
+    from quantnpu.errors import InputFileError
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputFileError(f"{path}: no such file")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InputFileError(f"{path}: not {what} ({error})") from None

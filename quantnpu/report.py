@@ -14,14 +14,13 @@ import base64
 import copy
 import html
 import io
-import json
 from pathlib import Path
 
 import torch
 import torch.fx
 
 from quantnpu.errors import InputFileError, QuantNpuError
-from quantnpu.fileio import atomic_write_text
+from quantnpu.fileio import atomic_write_text, read_json_file
 from quantnpu.graph.meta import LAYER_LINEARS, node_info
 from quantnpu.graph.ops import quantize_kind
 
@@ -181,12 +180,7 @@ def write_report(record_path: str | Path, output: str | Path | None = None, mode
                  layer: int | None = None, windows: int = 1) -> Path:
     """The report page for the run record at `record_path` (default output: beside it, `.html`)."""
     record_path = Path(record_path)
-    if not record_path.is_file():
-        raise InputFileError(f"{record_path}: no such file")
-    try:
-        record = json.loads(record_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise InputFileError(f"{record_path}: not a run record ({error})") from None
+    record = read_json_file(record_path, "a run record")
     if not isinstance(record, dict) or record.get("tool") != "quantnpu-lower":
         raise InputFileError(f"{record_path}: not a run record of tools/lower.py")
     output = Path(output) if output else record_path.with_suffix(".html")

@@ -28,7 +28,7 @@ import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
 
 from quantnpu.errors import InputFileError
-from quantnpu.fileio import atomic_write_text
+from quantnpu.fileio import atomic_write_text, read_json_file
 
 FORMAT_VERSION = "0.6.1"
 
@@ -143,12 +143,7 @@ def write_encodings(path: str | Path, table: EncodingTable) -> Path:
 
 def read_encodings(path: str | Path) -> EncodingTable:
     path = Path(path)
-    if not path.is_file():
-        raise InputFileError(f"{path}: no such file")
-    try:
-        document = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise InputFileError(f"{path}: not an encodings JSON file ({error})") from None
+    document = read_json_file(path, "an encodings JSON file")
     if not isinstance(document, dict) or "activation_encodings" not in document or "param_encodings" not in document:
         raise InputFileError(f"{path}: not an encodings file (needs activation_encodings and param_encodings)")
     axes = document.get("quantization_axes", {})

@@ -55,26 +55,10 @@ def tap_candidates(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
 
 
 def tap_tensors(gm: torch.fx.GraphModule, names: list[str]) -> torch.fx.GraphModule:
-    """A copy of `gm` returning its outputs followed by the named dequantize nodes."""
-    tapped = copy.deepcopy(gm)
-    by_name = {n.name: n for n in tapped.graph.nodes}
-    output = next(n for n in tapped.graph.nodes if n.op == "output")
-    values = output.args[0] if isinstance(output.args[0], (tuple, list)) else (output.args[0],)
-    taps = []
-    for name in names:
-        # Its own dequantize, read by the output alone: ExecuTorch's QNN passes record a
-        # re-quantization only for a dequantize's first user, so a tap sharing the graph's
-        # dequantize could read the producer's grid instead of this tensor's.
-        original = by_name[name]
-        with tapped.graph.inserting_after(original):
-            tap = tapped.graph.call_function(original.target, original.args, original.kwargs)
-        tap.meta = copy.copy(original.meta)
-        taps.append(tap)
-    output.args = (tuple(values) + tuple(taps),)
-    # export's pytree output spec names one output; plain codegen returns the tuple as it is
-    tapped.graph._codegen = torch.fx.graph.CodeGen()
-    tapped.recompile()
-    return tapped
+    """A copy of `gm` returning its outputs followed by the named dequantize nodes' values (each
+    tapped from its quantize node, see `_tap_quantized`)."""
+    by_name = {n.name: n for n in gm.graph.nodes}
+    return _tap_quantized(gm, [by_name[name].args[0].name for name in names])
 
 
 def compare_taps(gm: torch.fx.GraphModule, names: list[str], device_outputs: list[torch.Tensor],
