@@ -39,7 +39,7 @@ from quantnpu.lowering.lower import lower_to_qnn  # noqa: E402
 from quantnpu.memory import release_freed_memory  # noqa: E402
 from quantnpu.models.smollm2 import load_smollm2  # noqa: E402
 from quantnpu.passes.learn_encodings import StageOneConfig  # noqa: E402
-from quantnpu.runtime_harness.agreement import check_agreement  # noqa: E402
+from quantnpu.runtime_harness.agreement import bits_of as _bits, check_agreement, is_move as _is_move  # noqa: E402
 from quantnpu.runtime_harness.perplexity import perplexity  # noqa: E402
 from quantnpu.runtime_harness.pte import PteModel  # noqa: E402
 from quantnpu.runtime_harness.records import package_versions, peak_memory_mib  # noqa: E402
@@ -47,16 +47,6 @@ from smoothing import parse_row, run_row  # noqa: E402  (bench/ is the script's 
 from static import converted, float_graph, pte_setting  # noqa: E402
 
 DEFAULT_ROWS = ["8-8-8:p10:search:gptq:stage1:lead", "4-8-8:p10:search:gptq:stage1:lead"]
-_MOVES = ("view", "reshape", "_unsafe_view", "transpose", "permute", "squeeze", "unsqueeze", "expand")
-
-
-def _bits(quantize: torch.fx.Node) -> int:
-    return (int(quantize.args[4]) - int(quantize.args[3]) + 1).bit_length() - 1
-
-
-def _is_move(node: torch.fx.Node) -> bool:
-    return node.op == "call_function" and str(node.target).split("::")[-1].replace("aten.", "").split(".")[0] in _MOVES
-
 
 def without_narrow_rounding_before_widening(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, int]:
     """Hypothesis 1's model: a copy of the Q/DQ graph in which each narrow tensor whose only reader

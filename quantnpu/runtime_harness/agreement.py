@@ -72,7 +72,7 @@ def compare_taps(gm: torch.fx.GraphModule, names: list[str], device_outputs: lis
         expected, actual = reference[first + offset], device_outputs[first + offset]
         dequantize = by_name[name]
         scale = float(dequantize.args[1])
-        bits = (int(dequantize.args[4]) - int(dequantize.args[3]) + 1).bit_length() - 1
+        bits = bits_of(dequantize)
         steps = (actual.float() - expected.float()).abs() / scale
         results.append(TapResult(name, _source_op(dequantize), scale, bits, float(steps.max()), float(steps.mean())))
     return results
@@ -103,13 +103,13 @@ _MOVES = ("view", "reshape", "_unsafe_view", "transpose", "permute", "squeeze", 
           "select", "clone", "_to_copy", "alias")
 
 
-def _is_move(node: torch.fx.Node) -> bool:
+def is_move(node: torch.fx.Node) -> bool:
     """Ops that only move values: their quantized output repeats their input's encoding."""
     name = str(node.target).split("::")[-1].replace("aten.", "").split(".")[0]
     return node.op == "call_function" and name in _MOVES
 
 
-def _bits_of(quantize: torch.fx.Node) -> int:
+def bits_of(quantize: torch.fx.Node) -> int:
     return (int(quantize.args[4]) - int(quantize.args[3])).bit_length()
 
 
@@ -124,7 +124,7 @@ def agreement_tensors(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
         source = node.args[0]
         if not isinstance(source, torch.fx.Node) or source.op != "call_function":
             continue
-        if _is_move(source):
+        if is_move(source):
             continue
         chosen.append(node)
     return chosen
@@ -240,10 +240,10 @@ def _narrowed_by_a_reader(quantize: torch.fx.Node) -> bool:
     tensor comes back as that narrower copy (measured: a 16-bit RMSNorm output read back on the 8-bit
     grid of its q/k/v edge, while its 16-bit reader, gate_proj, computed from the 16-bit values), so
     the device's own value of it cannot be observed this way."""
-    bits = _bits_of(quantize)
+    bits = bits_of(quantize)
     for dequantize in quantize.users:
         for reader in dequantize.users if quantize_kind(dequantize) == "dequantize" else ():
-            if quantize_kind(reader) == "quantize" and "per_tensor" in str(reader.target) and _bits_of(reader) < bits:
+            if quantize_kind(reader) == "quantize" and "per_tensor" in str(reader.target) and bits_of(reader) < bits:
                 return True
     return False
 
@@ -291,7 +291,7 @@ def compare_agreement(gm: torch.fx.GraphModule, quantize_names: list[str], devic
         record = source.meta.get(QUANT_KEY)
         tensors.append(TensorAgreement(
             tensor=name, source=source.name, label=",".join(getattr(record, "labels", ()) or ()), layer=layers.get(name),
-            bits=_bits_of(quantize), scale=float(quantize.args[1]), local_max=int(local.max()),
+            bits=bits_of(quantize), scale=float(quantize.args[1]), local_max=int(local.max()),
             local_mean=float(local.float().mean()), drift_max=int(drift.max())))
     return AgreementReport(tensors, tolerance, unobserved=[n for n in quantize_names if n not in observable])
 
