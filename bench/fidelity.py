@@ -91,12 +91,33 @@ def overall(ppls: list[float]) -> float:
     return math.exp(sum(math.log(p) for p in ppls) / len(ppls))
 
 
+def agreement_result(quantized, window: torch.Tensor, work: Path, name: str, layers: set[int] | None) -> dict:
+    """The agreement check on one window (see quantnpu.runtime_harness.agreement), summarized per bit
+    width and per layer, with every tensor over the tolerance named."""
+    start = time.perf_counter()
+    report = check_agreement(quantized, (window,), work / f"fidelity_{name}.taps.pte", layers=layers)
+    by_bits: dict = {}
+    for t in report.tensors:
+        entry = by_bits.setdefault(t.bits, {"tensors": 0, "local_max": 0, "local_mean": 0.0, "drift_max": 0})
+        entry["tensors"] += 1
+        entry["local_max"] = max(entry["local_max"], t.local_max)
+        entry["local_mean"] += t.local_mean
+        entry["drift_max"] = max(entry["drift_max"], t.drift_max)
+    for entry in by_bits.values():
+        entry["local_mean"] /= entry["tensors"]
+    return {"layers": sorted(layers) if layers else "all", "ok": report.ok, "summary": report.summary(),
+            "per_layer": report.per_layer(), "failures": [t.line() for t in report.failures()],
+            "unobserved": len(report.unobserved), "by_bits": by_bits, "seconds": round(time.perf_counter() - start, 1)}
+
+
 def measure(row: dict, graph, windows, calibration, stage_one: StageOneConfig, work: Path, agreement: bool,
-            agreement_layers: set[int] | None) -> dict:
+            agreement_layers: set[int] | None, old: dict | None = None) -> dict:
     fq, plan, facts = run_row(graph, row, calibration, stage_one)
     quantized = converted(fq, plan, calibration)
-    hypothesis, widened = without_narrow_rounding_before_widening(quantized)
     name = row["row"].replace(":", "_")
+    if old is not None:  # --agreement-only: the row's ppl stay, its agreement check is redone
+        return {**old, "agreement": agreement_result(quantized, windows[:1], work, name, agreement_layers)}
+    hypothesis, widened = without_narrow_rounding_before_widening(quantized)
     lowered = lower_to_qnn(quantized, (windows[:1],), work / f"fidelity_{name}.pte")
     pte = PteModel(lowered.pte_path)
     per_window = {
@@ -113,20 +134,7 @@ def measure(row: dict, graph, windows, calibration, stage_one: StageOneConfig, w
               "mib": lowered.size_bytes / 2**20, "lower_seconds": round(lowered.seconds, 1)}
     result["relative_gap"] = (result["pte"] - result["fake_quant"]) / result["fake_quant"]
     if agreement:
-        start = time.perf_counter()
-        report = check_agreement(quantized, (windows[:1],), work / f"fidelity_{name}.taps.pte", layers=agreement_layers)
-        by_bits: dict = {}
-        for t in report.tensors:
-            entry = by_bits.setdefault(t.bits, {"tensors": 0, "local_max": 0, "local_mean": 0.0, "drift_max": 0})
-            entry["tensors"] += 1
-            entry["local_max"] = max(entry["local_max"], t.local_max)
-            entry["local_mean"] += t.local_mean
-            entry["drift_max"] = max(entry["drift_max"], t.drift_max)
-        for entry in by_bits.values():
-            entry["local_mean"] /= entry["tensors"]
-        result["agreement"] = {"layers": sorted(agreement_layers) if agreement_layers else "all", "ok": report.ok, "summary": report.summary(), "per_layer": report.per_layer(),
-                               "unobserved": len(report.unobserved), "by_bits": by_bits,
-                               "seconds": round(time.perf_counter() - start, 1)}
+        result["agreement"] = agreement_result(quantized, windows[:1], work, name, agreement_layers)
     return result
 
 
@@ -161,6 +169,8 @@ def write(results: dict, out: Path) -> None:
             for bits, e in sorted(a["by_bits"].items(), key=lambda kv: int(kv[0])):
                 lines.append(f"| {bits} | {e['tensors']} | {e['local_max']} | {e['local_mean']:.4f} | {e['drift_max']} |")
             lines += ["", "Per layer, the tensor with the largest local difference:", "", "```", a["per_layer"], "```"]
+            if a.get("failures"):
+                lines += ["", "Every tensor over the tolerance:", "", "```", *a["failures"], "```"]
     atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
 
 
@@ -175,6 +185,8 @@ def main() -> int:
     parser.add_argument("--agreement-layers", type=int, nargs="*", default=[0, 1, 11, 27, 28, 29],
                         help="decoder layers whose tensors the agreement check taps (none given: all)")
     parser.add_argument("--merge", action="store_true", help="keep the other rows of the existing results file")
+    parser.add_argument("--agreement-only", action="store_true",
+                        help="redo only the agreement check of rows already in the results file (their ppl are kept)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "fidelity"))
     args = parser.parse_args()
     try:
@@ -185,11 +197,17 @@ def main() -> int:
     command = "python bench/fidelity.py " + shlex.join(sys.argv[1:])
     results = {"commands": [command], "eval": {"windows": args.windows, "seq_len": args.seq_len, "calibration_windows": args.calib_windows,
                                               "soc": "SM8650"}, "rows": [], "versions": package_versions()}
-    if args.merge and out.with_suffix(".json").is_file():
+    previous: dict = {}
+    if (args.merge or args.agreement_only) and out.with_suffix(".json").is_file():
         old = json.loads(out.with_suffix(".json").read_text())
         if old["eval"] == results["eval"]:
+            previous = {r["row"]: r for r in old["rows"]}
             results["rows"] = [r for r in old["rows"] if r["row"] not in {row["row"] for row in rows}]
             results["commands"] = old["commands"] + [command]
+    if args.agreement_only and any(row["row"] not in previous for row in rows):
+        parser.error(f"--agreement-only: {out.with_suffix('.json')} has no such row with this setting")
+    if args.agreement_only and args.no_agreement:
+        parser.error("--agreement-only and --no-agreement exclude each other")
     qnn_sdk.activate(qnn_sdk.prepare_qnn_sdk())
     model, tokenizer = load_smollm2()
     graph, windows, calibration = pte_setting(model, tokenizer, args.seq_len, args.windows, args.calib_windows)
@@ -197,10 +215,14 @@ def main() -> int:
     for row in rows:
         start = time.perf_counter()
         measured = measure(row, graph, windows, calibration, stage_one, out.parent, not args.no_agreement,
-                           set(args.agreement_layers) if args.agreement_layers else None)
-        measured["total_seconds"] = round(time.perf_counter() - start, 1)
-        measured["peak_rss_mib"] = peak_memory_mib()
+                           set(args.agreement_layers) if args.agreement_layers else None,
+                           previous[row["row"]] if args.agreement_only else None)
+        if not args.agreement_only:
+            measured["total_seconds"] = round(time.perf_counter() - start, 1)
+            measured["peak_rss_mib"] = peak_memory_mib()
         results["rows"].append(measured)
+        order = list(previous)  # a rerun row keeps its place
+        results["rows"].sort(key=lambda r: order.index(r["row"]) if r["row"] in order else len(order))
         print(f"{row['row']}: fake-quant {measured['fake_quant']:.3f} .pte {measured['pte']:.3f} ({100 * measured['relative_gap']:+.2f}%)", flush=True)
         write(results, out)
         release_freed_memory()
