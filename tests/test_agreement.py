@@ -72,11 +72,11 @@ def test_a_planted_encoding_mismatch_is_caught_and_named(tiny_qdq, tmp_path):
     assert upstream and all(t.local_fraction <= report.tolerance for t in upstream)
 
 
-def test_a_layer_subset_also_taps_what_its_first_ops_read(tiny_qdq):
+def test_a_layer_subset_also_taps_what_its_first_ops_read(tiny_qdq, tmp_path):
     """With `layers`, the check also taps the tensors the chosen layers read from outside them (the
     residual stream entering the layer), or the layer's first ops would be judged from the reference's
     own, drifted, inputs."""
-    quantized, _ = tiny_qdq
+    quantized, window = tiny_qdq
     names = [n.name for n in agreement_tensors(quantized)]
     feeding = _inputs_of_layers(quantized, names, {1})
     by_name = {n.name: n for n in quantized.graph.nodes}
@@ -86,3 +86,8 @@ def test_a_layer_subset_also_taps_what_its_first_ops_read(tiny_qdq):
     assert {where[name] for name in feeding} == {0}
     # the residual add entering layer 1 is the last add of layer 0, read by layer 1's RMSNorm
     assert any("rms_norm" in str(reader.target) for name in feeding for dq in by_name[name].users for reader in dq.users)
+    # ... and forces them without judging them: every tensor judged is layer 1's or the model's own
+    report = check_agreement(quantized, (window,), tmp_path / "subset.pte", layers={1})
+    assert report.ok, report.summary()
+    assert report.tensors and {t.layer for t in report.tensors} <= {1, None}
+    assert not any(t.tensor in feeding for t in report.tensors)

@@ -310,10 +310,12 @@ class _Recording(torch.fx.Interpreter):
 
 
 def compare_agreement(gm: torch.fx.GraphModule, quantize_names: list[str], device_outputs: list[torch.Tensor],
-                      inputs: tuple[torch.Tensor, ...], tolerance: float = 2 / 256) -> AgreementReport:
+                      inputs: tuple[torch.Tensor, ...], tolerance: float = 2 / 256,
+                      forced_only: frozenset[str] = frozenset()) -> AgreementReport:
     """The device's tapped tensors (`device_outputs`: the tapped program's outputs, the model's own
     first) against the reference `gm`, locally and as drift (see above). Tensors whose tap cannot show
-    the device's value (`_unobservable`) are neither forced nor judged."""
+    the device's value (`_unobservable`) are neither forced nor judged; those in `forced_only` (a
+    layer subset's inputs, whose own inputs were not tapped) are forced but not judged."""
     from quantnpu.graph.meta import QUANT_KEY
 
     by_name = {n.name: n for n in gm.graph.nodes}
@@ -328,6 +330,8 @@ def compare_agreement(gm: torch.fx.GraphModule, quantize_names: list[str], devic
     layers = _layers_in_order(gm)
     tensors = []
     for name in observable:
+        if name in forced_only:
+            continue
         quantize = by_name[name]
         device = device_codes[name].to(torch.int64)
         local = (device - forced.values[name].to(torch.int64)).abs()
@@ -347,12 +351,13 @@ def check_agreement(gm: torch.fx.GraphModule, inputs: tuple[torch.Tensor, ...], 
     """Lower a copy of the Q/DQ graph `gm` (or of `device_graph`, a graph with the same node names: how
     a planted mismatch is tested) that also returns every quantized tensor, run it on the HTP
     simulator on `inputs`, and compare each tensor with `gm`'s (see `compare_agreement`); `layers`
-    limits the taps to those decoder layers (the others are still computed, from the device's values
-    where tapped). The tapped `.pte` is removed afterwards."""
+    limits the taps to those decoder layers and what they read from the others (forced, not judged:
+    their own inputs are not tapped). The tapped `.pte` is removed afterwards."""
     from quantnpu.lowering.lower import lower_to_qnn
     from quantnpu.runtime_harness.pte import PteModel
 
     names = [n.name for n in agreement_tensors(gm)]
+    feeding: set[str] = set()
     if layers is not None:  # these decoder layers' tensors, what they read from other layers, and the model's own
         where = _layers_in_order(gm)
         feeding = set(_inputs_of_layers(gm, names, layers))
@@ -364,4 +369,4 @@ def check_agreement(gm: torch.fx.GraphModule, inputs: tuple[torch.Tensor, ...], 
         outputs = PteModel(lowered.pte_path).outputs(*inputs)
     finally:
         pte_path.unlink(missing_ok=True)
-    return compare_agreement(gm, names, outputs, inputs, tolerance)
+    return compare_agreement(gm, names, outputs, inputs, tolerance, forced_only=frozenset(feeding))
