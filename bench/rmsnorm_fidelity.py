@@ -116,6 +116,10 @@ def measure(x: torch.Tensor, eps: float, work: Path, label: str) -> dict:
     row = {"leading_rms": float(x[0, 0].pow(2).mean().sqrt()), "rest_rms_median": float(x[0, 1:].pow(2).mean(-1).sqrt().median())}
     encodings = op_by_op_encodings(x, eps)
     row["rest_mean_square_below_one_step"] = float((x[0, 1:].pow(2).mean(-1) < encodings["mean"][0]).float().mean())
+    # where the other tokens sit on the grids the leading token sets: one step of the mean square is
+    # 1/k of a token's mean square when it is k steps (its norm moves by about 1/2k)
+    row["rest_mean_square_steps_median"] = float((x[0, 1:].pow(2).mean(-1) / encodings["mean"][0]).median())
+    row["rest_square_zero_fraction"] = float((x[0, 1:].pow(2) < encodings["square"][0] / 2).float().mean())
     forms = {"op_by_op": OpByOpNorm(encodings, eps), "fused": FusedNorm({"x": encodings["x"], "out": encoding(reference)}, eps)}
     for form, module in forms.items():
         graph = torch.export.export(module, (x,)).module()
@@ -175,18 +179,19 @@ def write(results: dict, out: Path) -> None:
              "Max-Min encodings from that window for every tensor of the norm (op by op: x, x*x, mean, +eps, rsqrt, output; "
              "fused: input, output). Error: |norm - float norm| / |float norm| per position; the leading position apart "
              "from the rest (median and max over positions 1..).", "",
-             "| entering layer | leading rms / rest median rms | rest: mean square under one step of its grid | op by op: Q/DQ rest (median / max) | op by op: .pte rest | op by op: leading Q/DQ / .pte | one op: Q/DQ rest | one op: .pte rest | .pte vs Q/DQ, rest median: op by op / one op |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| entering layer | leading rms / rest median rms | rest: mean square in steps of its grid (median) | rest: x*x rounded to 0 | op by op: Q/DQ rest (median / max) | op by op: .pte rest | op by op: leading Q/DQ / .pte | one op: Q/DQ rest | one op: .pte rest | .pte vs Q/DQ, rest median: op by op / one op |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for layer, r in results["layers"].items():
         lines.append(
-            f"| {layer} | {r['leading_rms']:.1f} / {r['rest_rms_median']:.2f} | {100 * r['rest_mean_square_below_one_step']:.0f}% | "
+            f"| {layer} | {r['leading_rms']:.1f} / {r['rest_rms_median']:.2f} | {r['rest_mean_square_steps_median']:.1f} | "
+            f"{100 * r['rest_square_zero_fraction']:.0f}% | "
             f"{r['op_by_op_qdq_rest_median']:.4f} / {r['op_by_op_qdq_rest_max']:.4f} | {r['op_by_op_pte_rest_median']:.4f} / {r['op_by_op_pte_rest_max']:.4f} | "
             f"{r['op_by_op_qdq_leading']:.4f} / {r['op_by_op_pte_leading']:.4f} | "
             f"{r['fused_qdq_rest_median']:.4f} / {r['fused_qdq_rest_max']:.4f} | {r['fused_pte_rest_median']:.4f} / {r['fused_pte_rest_max']:.4f} | "
             f"{r['op_by_op_pte_vs_qdq_rest_median']:.4f} / {r['fused_pte_vs_qdq_rest_median']:.4f} |")
     if results.get("full_graph"):
         lines += ["", "## In the whole model: static rotated 8-8-8, 4 x 128 tokens (bench/static.py's setting)", "",
-                  *[f"    {c}" for c in results.get("full_graph_commands", [])], "",
+                  *[f"    {r['command']}" for r in results["full_graph"].values() if "command" in r], "",
                   "| weightless RMSNorms | rms_norm ops | fake-quant | Q/DQ graph | .pte | .pte vs fake-quant | delegates |", "|---|---|---|---|---|---|---|"]
         for form, r in results["full_graph"].items():
             lines.append(f"| {form.replace('_', ' ')} | {r['rms_norm_ops']} | {r['fake_quant']:.3f} | {r['qdq']:.3f} | {r['pte']:.3f} | "
@@ -217,15 +222,15 @@ def main() -> int:
     command = "python bench/rmsnorm_fidelity.py " + shlex.join(sys.argv[1:])
     if args.full_graph:
         results = json.loads(out.with_suffix(".json").read_text())
-        results.setdefault("full_graph", {})[args.full_graph] = full_graph(args.full_graph, set(args.agreement_layers), args.eval_windows)
-        results["full_graph_commands"] = [c for c in results.get("full_graph_commands", []) if c != command] + [command]
+        row = full_graph(args.full_graph, set(args.agreement_layers), args.eval_windows)
+        results.setdefault("full_graph", {})[args.full_graph] = {"command": command, **row}
         write(results, out)
         return 0
     streams, eps = residuals(args.layers, args.seq_len)
     results = {"command": command, "seq_len": args.seq_len, "eps": eps, "layers": {}}
     if out.with_suffix(".json").is_file():  # the whole-model rows stay
         old = json.loads(out.with_suffix(".json").read_text())
-        results.update({k: old[k] for k in ("full_graph", "full_graph_commands") if k in old})
+        results.update({k: old[k] for k in ("full_graph",) if k in old})
     with tempfile.TemporaryDirectory() as work:
         for layer, x in streams.items():
             results["layers"][layer] = measure(x, eps, Path(work), f"layer{layer}")

@@ -266,15 +266,17 @@ def _unobservable(quantize: torch.fx.Node) -> bool:
 
 
 def _inputs_of_layers(gm: torch.fx.GraphModule, names: list[str], layers: set[int]) -> list[str]:
-    """Of the quantized tensors `names` outside `layers`, those an op inside them reads (through
-    dequantizes, re-quantizations and ops that only move values): tapping them gives the first ops of
-    each chosen layer the device's own inputs (measured: untapped, the residual stream's drift from the
-    layers in between showed up as a 37-step "local" difference at the next layer's RMSNorm)."""
+    """Of the quantized tensors `names` outside `layers`, those that an op inside them, or outside every
+    layer (the final norm, the head), reads through dequantizes, re-quantizations and ops that only
+    move values: tapping them gives the first ops of each chosen layer the device's own inputs
+    (measured: untapped, the residual stream's drift from the layers in between showed up as a
+    37-step "local" difference at the next layer's RMSNorm)."""
     where = _layers_in_order(gm)
+    inside = set(layers) | {None}  # the model's own ops (embedding, final norm, head) are always checked
     wanted = set(names)
     feeding = []
     for name in names:
-        if where.get(name) in layers:
+        if where.get(name) in inside:
             continue
         frontier, seen, reaches = [n for n in gm.graph.nodes if n.name == name], set(), False
         while frontier and not reaches:
@@ -284,7 +286,7 @@ def _inputs_of_layers(gm: torch.fx.GraphModule, names: list[str], layers: set[in
                     continue
                 seen.add(reader.name)
                 passes_through = quantize_kind(reader) is not None or is_move(reader)
-                if where.get(reader.name) in layers and (not passes_through or reader.name in wanted):
+                if where.get(reader.name) in inside and (not passes_through or reader.name in wanted):
                     reaches = True
                 elif passes_through and reader.name not in wanted:
                     frontier.append(reader)
