@@ -9,7 +9,8 @@ import torch
 from quantnpu.graph.meta import QUANT_KEY
 from quantnpu.graph.ops import quantize_kind
 from quantnpu.pipeline import pipeline
-from quantnpu.runtime_harness.agreement import _inputs_of_layers, _layers_in_order, agreement_tensors, check_agreement
+from quantnpu.runtime_harness.agreement import (_inputs_of_layers, _layers_in_order, _narrowing_copy, agreement_tensors,
+                                                check_agreement)
 from tests.graph_testing import run_passes, tiny_graph
 
 SEQ = 16
@@ -41,10 +42,17 @@ def test_quantnpu_pte_agrees_with_its_qdq_graph_op_by_op(tiny_qdq, tmp_path):
     assert report.ok, report.summary() + "\n" + report.per_layer()
     assert len(report.tensors) >= 60  # every op's output and every re-quantized edge of two layers
     eight_bit = [t for t in report.tensors if t.bits == 8]
-    # HTP's fixed-point requantization rounds a few values the other way: one step, two where an op
-    # reads a narrowing copy (not forced: its tap is not what the op consumed, see _narrowing_copy)
-    assert eight_bit and max(t.local_max for t in eight_bit) <= 2
-    assert sum(t.local_mean for t in eight_bit) / len(eight_bit) < 0.1
+    # HTP's fixed-point requantization rounds a few values the other way: at most one step; where an
+    # op reads a narrowing copy (not forced: its tap is not what the op consumed, see _narrowing_copy),
+    # that copy's own flips add up to one more
+    by_name = {n.name: n for n in quantized.graph.nodes}
+
+    def reads_a_narrowing_copy(tensor: str) -> bool:
+        op = by_name[tensor].args[0]
+        return any(quantize_kind(d) == "dequantize" and _narrowing_copy(d.args[0]) for d in op.all_input_nodes)
+
+    assert eight_bit and all(t.local_max <= (2 if reads_a_narrowing_copy(t.tensor) else 1) for t in eight_bit)
+    assert sum(t.local_mean for t in eight_bit) / len(eight_bit) < 0.1  # a few values, not a bias
     assert "layers.1" in report.per_layer() and report.summary().startswith("agreement:")
     assert not list(tmp_path.iterdir())  # the tapped program is removed
 
