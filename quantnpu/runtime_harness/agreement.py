@@ -274,11 +274,12 @@ def _inputs_of_layers(gm: torch.fx.GraphModule, names: list[str], layers: set[in
     where = _layers_in_order(gm)
     inside = set(layers) | {None}  # the model's own ops (embedding, final norm, head) are always checked
     wanted = set(names)
+    by_name = {n.name: n for n in gm.graph.nodes}
     feeding = []
     for name in names:
         if where.get(name) in inside:
             continue
-        frontier, seen, reaches = [n for n in gm.graph.nodes if n.name == name], set(), False
+        frontier, seen, reaches = [by_name[name]], set(), False
         while frontier and not reaches:
             node = frontier.pop()
             for reader in node.users:
