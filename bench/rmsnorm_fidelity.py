@@ -36,16 +36,16 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from quantnpu.fileio import atomic_write_text  # noqa: E402
+from quantnpu.quantizers.init_rules import TensorStats, max_min_scale  # noqa: E402
 
 qd = torch.ops.quantized_decomposed
 U16 = (0, 65535, torch.int32)  # how quantnpu's Q/DQ graphs spell a 16-bit tensor
 
 
 def encoding(value: torch.Tensor) -> tuple[float, int]:
-    """Max-Min 16-bit (scale, zero point) of a tensor, the range widened to include 0."""
-    low, high = min(float(value.min()), 0.0), max(float(value.max()), 0.0)
-    scale = max(high - low, 1e-12) / 65535
-    return scale, int(round(-low / scale))
+    """The 16-bit (scale, zero point) quantnpu's static calibration gives a tensor: its Max-Min rule
+    (symmetric, zero point mid-grid), as in the pipeline's Q/DQ graphs."""
+    return float(max_min_scale(TensorStats.of(value), 16)), 32768
 
 
 def fake16(value: torch.Tensor, enc: tuple[float, int]) -> torch.Tensor:
