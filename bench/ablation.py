@@ -12,7 +12,8 @@ Rows, each adding one component to the one before (as in the paper):
 - `+100%`: every down_proj input at 16 bits;
 - `down16`: every down_proj input at 16 bits, static encodings, no learning.
 Same measurement as bench/table1.py (fake-quant ppl on 16 x 512 Brown tokens, lm-eval last-word
-accuracy), one row per process, merged into bench/results/ablation.{json,md}.
+accuracy), one row per process, merged into bench/results/ablation.{json,md}; a row Table 1 already
+measured with the same pipeline arguments and setting (+10%, +100%, down16) is taken from it, marked.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from table1 import bench_main, rotation_lr  # noqa: E402  (bench/ is the script's directory)
+from table1 import bench_main, row_setup, rotation_lr  # noqa: E402  (bench/ is the script's directory)
 
 STEPS = ("D+R", "S+R", "S+R+scales", "+init", "+selective", "+10%", "+100%", "down16")
 # row -> (optimize, simulate, init, promotion) ; None: no stage one
@@ -75,11 +76,13 @@ def write(results: dict, out: Path) -> None:
             if claim and previous is not None:
                 holds = "yes" if (abs(r["ppl"] - previous["ppl"]) <= 0.05 * previous["ppl"] if name == "+100%" else r["ppl"] < previous["ppl"]) else "no"
             acc = f"{100 * r['last_word']['acc']:.0f}%" if r.get("last_word") else ""
-            lines.append(f"| {bits} | {name} | {r['ppl']:.3f} | {acc} | {claim} | {holds} |")
+            same = f" (Table 1's {r['same_as'].split()[-1]})" if r.get("same_as") else ""
+            lines.append(f"| {bits} | {name}{same} | {r['ppl']:.3f} | {acc} | {claim} | {holds} |")
             if name != "down16":
                 previous = r
     atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
-    sys.exit(bench_main(__file__, __doc__.splitlines()[0], [f"4-8-8:{name}" for name in STEPS], ablation_setup, write, "ablation"))
+    sys.exit(bench_main(__file__, __doc__.splitlines()[0], [f"4-8-8:{name}" for name in STEPS], ablation_setup, write, "ablation",
+                        reuse=(ROOT / "bench" / "results" / "table1.json", row_setup)))

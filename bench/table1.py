@@ -36,8 +36,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 METHODS = ("rtn", "quarot", "spinquant", "quantnpu-paper", "quantnpu")
 ET_CONFIGS = ("et-8a8w", "et-16a4w", "et-16a4w_block")
+FLOAT_ROW = "float"
 CONFIGS = ("8-8-8", "4-8-8", "4-4-8")
-DEFAULT_ROWS = ([f"{m}:{b}:{p}" for b in CONFIGS for p in ("p100", "p10") for m in METHODS] + list(ET_CONFIGS))
+DEFAULT_ROWS = ([FLOAT_ROW] + [f"{m}:{b}:{p}" for b in CONFIGS for p in ("p100", "p10") for m in METHODS] + list(ET_CONFIGS))
 TITLES = {"rtn": "RTN static (no rotation)", "quarot": "QuaRot-style (Hadamard, static)",
           "spinquant": "SpinQuant-style (learned R, dynamic -> static)", "quantnpu-paper": "quantnpu, the paper's method (stage one + two)",
           "quantnpu": "quantnpu (+ smoothing, GPTQ, leading-token split)"}
@@ -102,7 +103,10 @@ def measure(row: str, seq_len: int, eval_windows: int, calib_windows: int, steps
     calibration = list(token_windows(split_tokens(tokenizer, "calibration"), seq_len, calib_windows).unsqueeze(1))
     graph = export_causal_lm(model, seq_len).module()
     del model
-    fq, _, seconds = fake_quant(graph, setup_of(row, calibration, steps), calibration)
+    if row == FLOAT_ROW:  # the baseline every cell is read against, measured the same way
+        fq, seconds = graph, 0.0
+    else:
+        fq, _, seconds = fake_quant(graph, setup_of(row, calibration, steps), calibration)
     ppl = perplexity(fq, windows, f"fake-quant {row}").ppl
     import tempfile
 
@@ -112,14 +116,45 @@ def measure(row: str, seq_len: int, eval_windows: int, calib_windows: int, steps
     return {"row": row, "ppl": ppl, "last_word": lastword, "seconds": round(seconds, 1), "peak_rss_mib": peak_memory_mib()}
 
 
-def run_rows(script: str, rows: list[str], args, out: Path, write) -> int:
-    """Each row in its own process (bounded memory), merged into the results file as it finishes."""
+def setting_of(args) -> dict:
+    return {"seq_len": args.seq_len, "eval_windows": args.eval_windows, "calib_windows": args.calib_windows,
+            "steps": args.steps, "last_word_documents": args.last_word}
+
+
+def measured_elsewhere(row: str, setup_of, args, reuse) -> dict | None:
+    """A row another table already measured with the same pipeline arguments and the same setting
+    (e.g. the ablation's `+10%` is Table 1's quantnpu-paper p10): its measurement, marked `same_as`."""
+    if reuse is None:
+        return None
+    path, other_setup_of = reuse
+    other = json.loads(path.read_text()) if path.is_file() else {}
+    if other.get("setting") != setting_of(args):
+        return None
+    wanted = repr(setup_of(row, [], args.steps))
+    for measured in other.get("rows", []):
+        try:
+            same = measured["row"] != FLOAT_ROW and repr(other_setup_of(measured["row"], [], args.steps)) == wanted
+        except ValueError:
+            continue
+        if same:
+            return {**measured, "row": row, "same_as": f"{path.stem} {measured['row']}"}
+    return None
+
+
+def run_rows(script: str, rows: list[str], args, out: Path, write, setup_of=row_setup, reuse=None) -> int:
+    """Each row in its own process (bounded memory), merged into the results file as it finishes;
+    a row `reuse` (results file, its setup function) already measured the same way is taken from it."""
     path = out.with_suffix(".json")
     results = json.loads(path.read_text()) if path.is_file() else {"rows": [], "commands": []}
     results["commands"] = results.get("commands", []) + [f"python bench/{Path(script).name} " + shlex.join(sys.argv[1:])]
-    results["setting"] = {"seq_len": args.seq_len, "eval_windows": args.eval_windows, "calib_windows": args.calib_windows,
-                          "steps": args.steps, "last_word_documents": args.last_word}
+    results["setting"] = setting_of(args)
     for row in rows:
+        measured = measured_elsewhere(row, setup_of, args, reuse) if row != FLOAT_ROW else None
+        if measured is not None:
+            results["rows"] = [r for r in results["rows"] if r["row"] != row] + [measured]
+            print(f"{row}: ppl {measured['ppl']:.3f} (measured as {measured['same_as']})", flush=True)
+            write(results, out)
+            continue
         child = subprocess.run([sys.executable, script, "--one", row, "--seq-len", str(args.seq_len), "--eval-windows", str(args.eval_windows),
                                 "--calib-windows", str(args.calib_windows), "--steps", str(args.steps), "--last-word", str(args.last_word)],
                                stdout=subprocess.PIPE, text=True)
@@ -156,6 +191,8 @@ def write(results: dict, out: Path) -> None:
              f"Fake-quant perplexity over {s['eval_windows']} x {s['seq_len']} Brown evaluation tokens, calibration {s['calib_windows']} x "
              f"{s['seq_len']}; stage one {s['steps']} steps. Last word: accuracy of lm-eval's evaluator on {s['last_word_documents']} "
              "passages of the evaluation split (the local LAMBADA-style task), same fake-quant graph.", "",
+             *([f"Float (the exported model, no quantization): ppl {by_row[FLOAT_ROW]['ppl']:.3f}, last word "
+                f"{100 * by_row[FLOAT_ROW]['last_word']['acc']:.0f}%.", ""] if FLOAT_ROW in by_row and by_row[FLOAT_ROW].get("last_word") else []),
              "| method | " + " | ".join(f"{b} {p}" for b in CONFIGS for p in ("100%", "10%")) + " |",
              "|---|" + "---|" * (2 * len(CONFIGS))]
     for method in METHODS:
@@ -174,7 +211,7 @@ def write(results: dict, out: Path) -> None:
     atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
 
 
-def bench_main(script: str, description: str, default_rows: list[str], setup_of, write, name: str) -> int:
+def bench_main(script: str, description: str, default_rows: list[str], setup_of, write, name: str, reuse=None) -> int:
     """The command line of table1.py and ablation.py: validate the rows, then run each in its own
     process (`--one ROW` is that process), merging into bench/results/<name>.{json,md}."""
     parser = arguments(description, default_rows)
@@ -185,10 +222,11 @@ def bench_main(script: str, description: str, default_rows: list[str], setup_of,
         return 0
     for row in args.rows:
         try:
-            setup_of(row, [], args.steps)
+            if row != FLOAT_ROW:
+                setup_of(row, [], args.steps)
         except ValueError as error:
             parser.error(str(error))
-    return run_rows(script, args.rows, args, Path(args.out), write)
+    return run_rows(script, args.rows, args, Path(args.out), write, setup_of, reuse)
 
 
 if __name__ == "__main__":

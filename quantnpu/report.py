@@ -156,18 +156,31 @@ def _figure_bits(grid: list[dict]) -> str:
     return _png(figure)
 
 
-def _figure_loss(loss: list[float]) -> str:
+def _figure_loss(loss: list[float], epoch: int) -> str:
+    """Each step's loss (one batch, so it moves with the batch's own difficulty) and its mean over
+    the last `epoch` steps (one pass over the calibration batches), where the trend shows."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(6, 3))
-    axis.plot(range(1, len(loss) + 1), loss, marker=".")
+    steps = range(1, len(loss) + 1)
+    axis.plot(steps, loss, marker=".", alpha=0.5, label="per step")
+    if 1 < epoch < len(loss):
+        running = [sum(loss[i - epoch + 1:i + 1]) / epoch for i in range(epoch - 1, len(loss))]
+        axis.plot(steps[epoch - 1:], running, linewidth=2, label=f"mean of the last {epoch} steps")
+        axis.legend()
     axis.set_xlabel("step")
     axis.set_ylabel("task loss")
-    axis.set_title("stage one: task loss per step")
+    axis.set_title("stage one: task loss")
     return _png(figure)
+
+
+def _steps_per_pass(record: dict) -> int:
+    """Stage-one steps that see every calibration window once (batch windows a step)."""
+    windows = record.get("calibration", {}).get("windows") or 0
+    return max(1, -(-int(windows) // int(record["stage_one"].get("batch") or 1)))
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -214,7 +227,7 @@ def write_report(record_path: str | Path, output: str | Path | None = None, mode
         sections += ["<h2>Bit widths</h2>", f'<img src="data:image/png;base64,{_figure_bits(grid)}">']
     loss = record.get("stage_one", {}).get("loss")
     if loss:
-        sections += ["<h2>Stage one</h2>", f'<img src="data:image/png;base64,{_figure_loss(loss)}">',
+        sections += ["<h2>Stage one</h2>", f'<img src="data:image/png;base64,{_figure_loss(loss, _steps_per_pass(record))}">',
                      f"<p>{len(loss)} steps, {record['stage_one'].get('seconds_per_step', float('nan')):.2f} s per step, "
                      f"orthogonality of the learned rotations {record['stage_one'].get('orthogonality', float('nan')):.1e}.</p>"]
     split = record.get("leading_split", {}).get("layers")
