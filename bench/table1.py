@@ -3,7 +3,8 @@
 
 Rows `METHOD:BITS:PROMOTION` (p100: every down_proj input at 16 bits, the paper's Table 1 setting;
 p10: the 10% most sensitive, AssignBitWidths), or an ExecuTorch QnnQuantizer config alone:
-- `rtn`: no rotation, static Max-Min encodings;
+- `rtn`: no rotation, static Max-Min encodings (at 4-4-8, 4-bit inputs on the same edges as the rotated
+  rows, by override: the plan's own rule keeps an unrotated input at 8 bits or more);
 - `quarot`: random Hadamard R1/R2, static encodings;
 - `spinquant`: R1/R2 learned by Cayley SGD under dynamic per-token activation quantization, then
   converted to static encodings (the paper's "D" row: stage one with `optimize=rotations`,
@@ -37,6 +38,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 METHODS = ("rtn", "quarot", "spinquant", "quantnpu-paper", "quantnpu")
 ET_CONFIGS = ("et-8a8w", "et-16a4w", "et-16a4w_block")
 FLOAT_ROW = "float"
+ROTATABLE_INPUTS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj")  # FuseRotations' R1/R2 readers
 CONFIGS = ("8-8-8", "4-8-8", "4-4-8")
 DEFAULT_ROWS = ([FLOAT_ROW] + [f"{m}:{b}:{p}" for b in CONFIGS for p in ("p100", "p10") for m in METHODS] + list(ET_CONFIGS))
 TITLES = {"rtn": "RTN static (no rotation)", "quarot": "QuaRot-style (Hadamard, static)",
@@ -62,7 +64,12 @@ def row_setup(row: str, calibration, steps: int) -> dict:
     method, bits, promotion = parts if len(parts) == 3 else ("", "", "")
     if method not in METHODS or promotion not in ("p10", "p100"):
         raise ValueError(f"row {row!r}: write METHOD:BITS:p10|p100 with METHOD one of {', '.join(METHODS)}, or one of {', '.join(ET_CONFIGS)}")
-    plan = BitPlan.parse(bits, ("*.down_proj.input=16",) if promotion == "p100" else ())
+    overrides = ["*.down_proj.input=16"] if promotion == "p100" else []
+    if method == "rtn" and int(bits.split("-")[1]) < 8:
+        # the plan keeps an unrotated input at 8 bits or more; the RTN baseline's A applies to the same
+        # edges as the rotated methods' (the inputs R1/R2 would rotate), so it is asked for explicitly
+        overrides += [f"*.{kind}.input={bits.split('-')[1]}" for kind in ROTATABLE_INPUTS]
+    plan = BitPlan.parse(bits, tuple(overrides))
     setup = {"plan": plan, "rotate": "none" if method == "rtn" else "hadamard", "promote_fraction": 0.1 if promotion == "p10" else 0.0}
     if method == "spinquant":
         setup["stage_one"] = StageOneConfig(steps=steps, optimize="rotations", simulate="dynamic", init="maxmin", lr_rotation=rotation_lr(bits))
