@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from table1 import bench_main, row_setup, rotation_lr  # noqa: E402  (bench/ is the script's directory)
+from table1 import bench_main, last_word_text, row_setup, rotation_lr  # noqa: E402  (bench/ is the script's directory)
 
 STEPS = ("D+R", "S+R", "S+R+scales", "+init", "+selective", "+10%", "+100%", "down16")
 # row -> (optimize, simulate, init, promotion) ; None: no stage one
@@ -64,7 +64,7 @@ def write(results: dict, out: Path) -> None:
     lines = ["# Table 2 ablation: SmolLM2-135M-Instruct", "", "Commands:", "", *[f"    {c}" for c in results["commands"]], "",
              f"Fake-quant ppl over {s['eval_windows']} x {s['seq_len']} Brown evaluation tokens, calibration {s['calib_windows']} x "
              f"{s['seq_len']}, stage one {s['steps']} steps; last-word accuracy through lm-eval on {s['last_word_documents']} passages.", "",
-             "| config | step | ppl | last-word accuracy | the paper's claim | holds here |", "|---|---|---|---|---|---|"]
+             "| config | step | ppl | last word: accuracy / word ppl | the paper's claim | holds here |", "|---|---|---|---|---|---|"]
     for bits in sorted({r["row"].split(":")[0] for r in results["rows"]}):
         previous = None
         for name in STEPS:
@@ -75,7 +75,7 @@ def write(results: dict, out: Path) -> None:
             holds = ""
             if claim and previous is not None:
                 holds = "yes" if (abs(r["ppl"] - previous["ppl"]) <= 0.05 * previous["ppl"] if name == "+100%" else r["ppl"] < previous["ppl"]) else "no"
-            acc = f"{100 * r['last_word']['acc']:.0f}%" if r.get("last_word") else ""
+            acc = last_word_text(r)
             same = f" (Table 1's {r['same_as'].split()[-1]})" if r.get("same_as") else ""
             lines.append(f"| {bits} | {name}{same} | {r['ppl']:.3f} | {acc} | {claim} | {holds} |")
             if name != "down16":
