@@ -114,7 +114,7 @@ def measure(row: str, seq_len: int, eval_windows: int, calib_windows: int, steps
         fq, seconds = graph, 0.0
     else:
         fq, _, seconds = fake_quant(graph, setup_of(row, calibration, steps), calibration)
-    ppl = perplexity(fq, windows, f"fake-quant {row}").ppl
+    ppl = perplexity(fq, windows, row if row == FLOAT_ROW else f"fake-quant {row}").ppl
     import tempfile
 
     with tempfile.TemporaryDirectory() as work:
