@@ -222,7 +222,30 @@ def write(results: dict, out: Path) -> None:
         r = by_row.get(config)
         if r is not None:
             lines.append(f"| {config} | {r['ppl']:.1f} | {last_word_text(r)} |")
+    lines += pte_lines(out.parent / "fidelity.json")
     atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
+
+
+def pte_lines(fidelity: Path) -> list[str]:
+    """The `.pte` rows: bench/fidelity.py lowers the `quantnpu` rows (its notation `BITS:p10:search:gptq:
+    stage1:lead`) and runs them on the HTP simulator, on windows short enough for the simulator."""
+    if not fidelity.is_file():
+        return []
+    results = json.loads(fidelity.read_text())
+    ev = results["eval"]
+    rows = [r for r in results["rows"] if r["row"].endswith(":search:gptq:stage1:lead") and "pte" in r]
+    if not rows:
+        return []
+    lines = ["", f"`.pte` on the QNN HTP simulator (bench/fidelity.py, SoC {ev['soc']}): the `quantnpu` rows lowered to one "
+             f"integer-only delegate, {ev['windows']} x {ev['seq_len']}-token evaluation windows (calibration "
+             f"{ev['calibration_windows']} x {ev['seq_len']}, the same number of tokens), so the ppl is not comparable "
+             "with the 512-token columns above; the fake-quant graph on the same windows is beside it. Stage one there "
+             "runs at StageOneConfig's default rotation learning rate (0.1) at every config; Table 1 uses 2.0 with 4-bit weights.", "",
+             "| row | float | fake-quant | .pte | .pte vs fake-quant | delegates |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| quantnpu:{r['bits']}:{r['promotion']} | {r['float']:.3f} | {r['fake_quant']:.3f} | {r['pte']:.3f} | "
+                     f"{100 * (r['pte'] / r['fake_quant'] - 1):+.2f}% | {r['delegates']} |")
+    return lines
 
 
 def bench_main(script: str, description: str, default_rows: list[str], setup_of, write, name: str, reuse=None) -> int:
