@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -20,6 +27,8 @@ def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # mkstemp's file is private (0600); the result gets the mode a plain open() would give it
+        os.chmod(tmp_path, stat.S_IMODE(target.stat().st_mode) if target.exists() else 0o666 & ~_umask())
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():
@@ -46,6 +55,7 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         yield staging
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's directory is private (0700), like mkstemp's files
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
