@@ -122,8 +122,7 @@ def run_row(graph, row: dict, calibration, stage_one: StageOneConfig):
                          "mean_gptq_error": sum(min(r.gptq_error, r.nearest_error) for r in gptq.layers) / max(len(gptq.layers), 1)}
     learner = find_pass(passes, LearnEncodings)
     if learner is not None:
-        facts["stage_one_run"] = {"steps": len(learner.history), "seconds_per_step": round(sum(r.seconds for r in learner.history) / len(learner.history), 3),
-                              "loss_first": learner.history[0].task_loss, "loss_last": learner.history[-1].task_loss}
+        facts["stage_one_run"] = learner.summary()
     split = find_pass(passes, SplitLeadingTokens)
     if split is not None:
         facts["split_layers"] = [s.layer for s in split.layers if s.split]

@@ -96,16 +96,12 @@ def run_row(graph, bits: str, row: str, calibration, stage_one: StageOneConfig):
     facts = {"seconds": round(time.perf_counter() - start, 1), "weight_rounding": rounding,
              "learned_encodings_kept": find_pass(passes, StaticCalibration).learned_used}
     if learner is not None:
-        step = sum(r.seconds for r in learner.history) / len(learner.history)
+        summary = learner.summary()
         plain = plain_step_seconds(graph, calibration[0])
         facts["stage_one"] = {
-            "steps": len(learner.history), "seconds_per_step": round(step, 3),
-            "plain_float_forward_backward_seconds": round(plain, 3), "step_ratio": round(step / plain, 3),
+            **summary, "plain_float_forward_backward_seconds": round(plain, 3), "step_ratio": round(summary["seconds_per_step"] / plain, 3),
             # the same fused graph with its quantizers off: R1/R2 recomputed into every weight each forward
             "float_forward_backward_with_rotations_seconds": round(learner.float_step_seconds, 3),
-            "loss_first": learner.history[0].task_loss, "loss_last": learner.history[-1].task_loss,
-            "loss": [round(r.task_loss, 4) for r in learner.history],
-            "orthogonality": learner.orthogonality,
             "quantizers": len(learner.sites), "lr_rotation": stage_one.lr_rotation, "lr_scale": stage_one.lr_scale,
         }
     return fq, plan, passes, facts

@@ -100,6 +100,8 @@ def measure(row: str, seq_len: int, eval_windows: int, calib_windows: int, steps
     from quantnpu.models.corpus import brown_split, split_tokens, token_windows
     from quantnpu.models.export import export_causal_lm
     from quantnpu.models.smollm2 import load_smollm2
+    from quantnpu.passes.learn_encodings import LearnEncodings
+    from quantnpu.pipeline import find_pass
     from quantnpu.runtime_harness.lm_eval_adapter import evaluate_last_word
     from quantnpu.runtime_harness.perplexity import perplexity
     from quantnpu.runtime_harness.records import peak_memory_mib
@@ -110,17 +112,21 @@ def measure(row: str, seq_len: int, eval_windows: int, calib_windows: int, steps
     calibration = list(token_windows(split_tokens(tokenizer, "calibration"), seq_len, calib_windows).unsqueeze(1))
     graph = export_causal_lm(model, seq_len).module()
     del model
+    stage_one = None
     if row == FLOAT_ROW:  # the baseline every cell is read against, measured the same way
         fq, seconds = graph, 0.0
     else:
-        fq, _, seconds = fake_quant(graph, setup_of(row, calibration, steps), calibration)
+        fq, passes, seconds = fake_quant(graph, setup_of(row, calibration, steps), calibration)
+        learner = find_pass(passes, LearnEncodings)
+        stage_one = learner.summary() if learner is not None else None
     ppl = perplexity(fq, windows, row if row == FLOAT_ROW else f"fake-quant {row}").ppl
     import tempfile
 
     with tempfile.TemporaryDirectory() as work:
         lastword = evaluate_last_word(fq, tokenizer, seq_len, brown_split().evaluation_text, work, limit=lastword_docs,
                                       count=lastword_docs, name=row) if lastword_docs else None
-    return {"row": row, "ppl": ppl, "last_word": lastword, "seconds": round(seconds, 1), "peak_rss_mib": peak_memory_mib()}
+    return {"row": row, "ppl": ppl, "last_word": lastword, "seconds": round(seconds, 1), "peak_rss_mib": peak_memory_mib(),
+            **({"stage_one": stage_one} if stage_one else {})}
 
 
 def setting_of(args) -> dict:

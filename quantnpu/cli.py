@@ -402,10 +402,8 @@ def _quantnpu_record(args: argparse.Namespace, passes, quantized) -> dict:
     if assign is not None:
         extra["mixed_precision"] = {"fraction": args.promote_fraction, "down_proj_inputs": [asdict(s) for s in assign.sensitivities]}
     if learned is not None and learned.history:
-        extra["stage_one"] = {**asdict(learned.config), "orthogonality": learned.orthogonality,
-                              "learned_encodings_kept": find_pass(passes, StaticCalibration).learned_used,
-                              "seconds_per_step": sum(r.seconds for r in learned.history) / len(learned.history),
-                              "loss": [round(r.task_loss, 5) for r in learned.history]}
+        extra["stage_one"] = {**asdict(learned.config), **learned.summary(),
+                              "learned_encodings_kept": find_pass(passes, StaticCalibration).learned_used}
     smoothing = find_pass(passes, SmoothUnrotatedInputs)
     if smoothing is not None and smoothing.layers:
         if not args.quiet:

@@ -480,6 +480,19 @@ class LearnEncodings(GraphPass):
             for linear in site.linears:
                 update_tensor_quant(linear, **{field_name: encoding})
 
+    def summary(self) -> dict:
+        """What a record or results file keeps of a run: the task loss per step and its mean over the
+        first and the last pass of the calibration windows (one step's loss moves with its own window's
+        difficulty, so first -> last step alone says little), seconds per step, final orthogonality."""
+        if not self.history:
+            return {"steps": 0}
+        loss = [r.task_loss for r in self.history]
+        per_pass = min(len(loss), max(1, -(-len(self.calibration) // self.config.batch)))
+        return {"steps": len(loss), "seconds_per_step": round(sum(r.seconds for r in self.history) / len(loss), 3),
+                "loss_first": loss[0], "loss_last": loss[-1], "loss_first_pass_mean": sum(loss[:per_pass]) / per_pass,
+                "loss_last_pass_mean": sum(loss[-per_pass:]) / per_pass, "steps_per_pass": per_pass,
+                "loss": [round(x, 5) for x in loss], "orthogonality": self.orthogonality}
+
     def report(self) -> str:
         if not self.history:
             return "stage one: not run"

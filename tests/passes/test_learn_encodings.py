@@ -117,6 +117,18 @@ def test_stage_one_learns_writes_back_and_keeps_the_function():
     assert len(stage_one.history) == 4
 
 
+def test_summary_means_the_loss_over_the_first_and_last_pass_of_the_windows():
+    gm = fused_graph(layers=1)
+    _, stage_one = run_stage_one(gm, StageOneConfig(steps=5), batches=calibration(gm, 2))
+    summary = stage_one.summary()
+    loss = [r.task_loss for r in stage_one.history]
+    assert summary["steps"] == 5 and summary["steps_per_pass"] == 2 and summary["loss"] == [round(x, 5) for x in loss]
+    assert summary["loss_first_pass_mean"] == pytest.approx((loss[0] + loss[1]) / 2)
+    assert summary["loss_last_pass_mean"] == pytest.approx((loss[3] + loss[4]) / 2)
+    assert summary["orthogonality"] == stage_one.orthogonality
+    assert LearnEncodings(PLAN, calibration(gm, 2), StageOneConfig(steps=1)).summary() == {"steps": 0}
+
+
 def test_stage_two_keeps_the_learned_encodings_frozen():
     gm = tiny_graph("llama", layers=2, seq_len=16)
     batches = calibration(gm)
