@@ -15,13 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+
+from table1 import measure_in_child, merge_row, open_results  # noqa: E402  (bench/ is the script's directory)
 
 FRACTIONS = (0.0, 0.1, 0.2, 0.5, 1.0)
 METHODS = ("quarot", "quantnpu-paper")
@@ -128,22 +129,14 @@ def main() -> int:
             parse_row(row)
         except ValueError as error:
             parser.error(str(error))
-    path = out.with_suffix(".json")
-    results = json.loads(path.read_text()) if path.is_file() else {"commands": [], "rows": []}
-    if results.get("setting", setting) != setting:
-        parser.error(f"{path} was measured with {results['setting']}, not {setting}: pass another --out")
-    results["setting"] = setting
-    results["commands"] = results["commands"] + ["python bench/fig4.py " + shlex.join(sys.argv[1:])]
+    results = open_results(out.with_suffix(".json"), setting, "python bench/fig4.py " + shlex.join(sys.argv[1:]))
+    options = ["--seq-len", str(args.seq_len), "--eval-windows", str(args.eval_windows), "--calib-windows", str(args.calib_windows),
+               "--steps", str(args.steps)]
     for row in args.rows:
-        child = subprocess.run([sys.executable, __file__, "--one", row, "--seq-len", str(args.seq_len), "--eval-windows", str(args.eval_windows),
-                                "--calib-windows", str(args.calib_windows), "--steps", str(args.steps)], stdout=subprocess.PIPE, text=True)
-        if child.returncode != 0:
-            print(f"{row}: failed (exit {child.returncode})", file=sys.stderr)
-            return child.returncode
-        measured = json.loads(child.stdout.strip().splitlines()[-1])
-        results["rows"] = [r for r in results["rows"] if r["row"] != row] + [measured]
-        print(f"{row}: ppl {measured['ppl']:.3f}", flush=True)
-        write(results, out)
+        measured = measure_in_child(__file__, row, options)
+        if measured is None:
+            return 1
+        merge_row(results, measured, out, write)
     return 0
 
 

@@ -154,30 +154,48 @@ def measured_elsewhere(row: str, setup_of, args, reuse) -> dict | None:
     return None
 
 
+def open_results(path: Path, setting: dict, command: str) -> dict:
+    """The results file's rows so far, with `command` appended; exits with a one-line error if the file
+    was measured in another setting (its rows would not be comparable with the new ones)."""
+    results = json.loads(path.read_text()) if path.is_file() else {"rows": [], "commands": []}
+    if results.get("setting", setting) != setting:
+        sys.exit(f"{path} was measured with {results['setting']}, not {setting}: pass another --out")
+    results["setting"] = setting
+    results["commands"] = results.get("commands", []) + [command]
+    return results
+
+
+def merge_row(results: dict, measured: dict, out: Path, write, how: str = "") -> None:
+    """Replace the row's earlier measurement (if any) and rewrite the results files."""
+    results["rows"] = [r for r in results["rows"] if r["row"] != measured["row"]] + [measured]
+    print(f"{measured['row']}: ppl {measured['ppl']:.3f}{how}", flush=True)
+    write(results, out)
+
+
+def measure_in_child(script: str, row: str, options: list[str]) -> dict | None:
+    """`script --one ROW OPTIONS` in its own process (memory is returned between rows); None if it failed."""
+    child = subprocess.run([sys.executable, script, "--one", row, *options], stdout=subprocess.PIPE, text=True)
+    if child.returncode != 0:
+        print(f"{row}: failed (exit {child.returncode})", file=sys.stderr)
+        return None
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
 def run_rows(script: str, rows: list[str], args, out: Path, write, setup_of=row_setup, reuse=None) -> int:
     """Each row in its own process (bounded memory), merged into the results file as it finishes;
     a row `reuse` (results file, its setup function) already measured the same way is taken from it."""
-    path = out.with_suffix(".json")
-    results = json.loads(path.read_text()) if path.is_file() else {"rows": [], "commands": []}
-    results["commands"] = results.get("commands", []) + [f"python bench/{Path(script).name} " + shlex.join(sys.argv[1:])]
-    results["setting"] = setting_of(args)
+    results = open_results(out.with_suffix(".json"), setting_of(args), f"python bench/{Path(script).name} " + shlex.join(sys.argv[1:]))
+    options = ["--seq-len", str(args.seq_len), "--eval-windows", str(args.eval_windows), "--calib-windows", str(args.calib_windows),
+               "--steps", str(args.steps), "--last-word", str(args.last_word)]
     for row in rows:
         measured = measured_elsewhere(row, setup_of, args, reuse) if row != FLOAT_ROW else None
         if measured is not None:
-            results["rows"] = [r for r in results["rows"] if r["row"] != row] + [measured]
-            print(f"{row}: ppl {measured['ppl']:.3f} (measured as {measured['same_as']})", flush=True)
-            write(results, out)
+            merge_row(results, measured, out, write, f" (measured as {measured['same_as']})")
             continue
-        child = subprocess.run([sys.executable, script, "--one", row, "--seq-len", str(args.seq_len), "--eval-windows", str(args.eval_windows),
-                                "--calib-windows", str(args.calib_windows), "--steps", str(args.steps), "--last-word", str(args.last_word)],
-                               stdout=subprocess.PIPE, text=True)
-        if child.returncode != 0:
-            print(f"{row}: failed (exit {child.returncode})", file=sys.stderr)
-            return child.returncode
-        measured = json.loads(child.stdout.strip().splitlines()[-1])
-        results["rows"] = [r for r in results["rows"] if r["row"] != row] + [measured]
-        print(f"{row}: ppl {measured['ppl']:.3f}", flush=True)
-        write(results, out)
+        measured = measure_in_child(script, row, options)
+        if measured is None:
+            return 1
+        merge_row(results, measured, out, write)
     return 0
 
 
