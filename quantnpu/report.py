@@ -178,7 +178,10 @@ def _figure_loss(loss: list[float], epoch: int) -> str:
 
 
 def _steps_per_pass(record: dict) -> int:
-    """Stage-one steps that see every calibration window once (batch windows a step)."""
+    """Stage-one steps that see every calibration window once (batch windows a step): the record's own
+    (LearnEncodings.summary), or derived for a record written before it kept one."""
+    if record["stage_one"].get("steps_per_pass"):
+        return int(record["stage_one"]["steps_per_pass"])
     windows = record.get("calibration", {}).get("windows") or 0
     return max(1, -(-int(windows) // int(record["stage_one"].get("batch") or 1)))
 
