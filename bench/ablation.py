@@ -88,4 +88,4 @@ def write(results: dict, out: Path) -> None:
 
 if __name__ == "__main__":
     sys.exit(bench_main(__file__, __doc__.splitlines()[0], [f"4-8-8:{name}" for name in STEPS], ablation_setup, write, "ablation",
-                        reuse=(ROOT / "bench" / "results" / "table1.json", row_setup)))
+                        reuse=[(ROOT / "bench" / "results" / "table1.json", row_setup)]))

@@ -6,8 +6,10 @@ Rows `METHOD:BITS:FRACTION` with METHOD in bench/table1.py's notation: `quarot` 
 R1/R2, static encodings) or `quantnpu-paper` (the paper's method: stage one, then static; the paper
 promotes before optimizing). 16 x 512-token Brown evaluation windows, calibration 8 x 512 (the
 setting of bench/results/stage_one.md). Each row runs in its own process (memory stays bounded) and
-is merged into bench/results/fig4.{json,md,png} (a rerun's rows replace their own); everything goes
-through `quantnpu.pipeline.pipeline`.
+is merged into bench/results/fig4.{json,md,png} (a rerun's rows replace their own); a row that
+bench/table1.py or bench/ablation.py already measured with the same pipeline arguments in this setting
+(quantnpu-paper at 10% is Table 1's p10, at 0% the ablation's +selective) is taken from there, marked.
+Everything goes through `quantnpu.pipeline.pipeline`.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from table1 import measure_in_child, merge_row, open_results  # noqa: E402  (bench/ is the script's directory)
+from table1 import measure_in_child, measured_elsewhere, merge_row, open_results, row_setup  # noqa: E402  (bench/ is the script's directory)
 
 FRACTIONS = (0.0, 0.1, 0.2, 0.5, 1.0)
 METHODS = ("quarot", "quantnpu-paper")
@@ -40,6 +42,20 @@ def parse_row(row: str) -> tuple[str, str, float]:
     return method, bits, fraction
 
 
+def fig4_setup(row: str, calibration, steps: int) -> dict:
+    """The pipeline arguments of a row: Table 1's row of the method with the promoted fraction set
+    (100% is AssignBitWidths promoting every input, not Table 1's p100 override: the two are checked
+    against each other rather than assumed equal)."""
+    method, bits, fraction = parse_row(row)
+    return {**row_setup(f"{method}:{bits}:p10", calibration, steps), "promote_fraction": fraction}
+
+
+def reuse_sources() -> list:
+    from ablation import ablation_setup
+
+    return [(ROOT / "bench" / "results" / "table1.json", row_setup), (ROOT / "bench" / "results" / "ablation.json", ablation_setup)]
+
+
 def measure(row: str, seq_len: int, eval_windows: int, calib_windows: int, steps: int) -> dict:
     from quantnpu.memory import release_freed_memory
     from quantnpu.models.corpus import split_tokens, token_windows
@@ -50,7 +66,7 @@ def measure(row: str, seq_len: int, eval_windows: int, calib_windows: int, steps
     from quantnpu.runtime_harness.perplexity import perplexity
     from quantnpu.runtime_harness.records import peak_memory_mib
     from static import float_graph
-    from table1 import fake_quant, row_setup
+    from table1 import fake_quant
 
     method, bits, fraction = parse_row(row)
 
@@ -60,8 +76,7 @@ def measure(row: str, seq_len: int, eval_windows: int, calib_windows: int, steps
     graph = export_causal_lm(model, seq_len).module()
     float_ppl = perplexity(float_graph(graph), windows, "float").ppl
     release_freed_memory()
-    setup = {**row_setup(f"{method}:{bits}:p10", calibration, steps), "promote_fraction": fraction}
-    fq, passes, seconds = fake_quant(graph, setup, calibration)
+    fq, passes, seconds = fake_quant(graph, fig4_setup(row, calibration, steps), calibration)
     assign = find_pass(passes, AssignBitWidths)
     promoted = [s.role for s in assign.sensitivities if s.promoted] if assign is not None else []
     ppl = perplexity(fq, windows, f"fake-quant {row}").ppl
@@ -74,6 +89,7 @@ def write(results: dict, out: Path) -> None:
 
     atomic_write_text(out.with_suffix(".json"), json.dumps(results, indent=1) + "\n")
     rows = sorted(results["rows"], key=lambda r: (METHODS.index(r["method"]), r["bits"], r["fraction"]))
+    float_ppl = next((r["float"] for r in rows if "float" in r), None)
     s = results["setting"]
     lines = ["# Fig. 4: perplexity against the fraction of down_proj inputs at 16 bits (SmolLM2-135M-Instruct)", "",
              "Commands (one row per process, rows of a rerun replace their own):", "", *[f"    {c}" for c in results["commands"]], "",
@@ -84,9 +100,12 @@ def write(results: dict, out: Path) -> None:
              "![ppl against promoted fraction](fig4.png)", "",
              "| method | W-A-KV | promoted | down_proj inputs at 16 bits | ppl | x float | pipeline s |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        layers = ", ".join(p.split(".")[1] for p in r["promoted"]) if 0 < len(r["promoted"]) < 30 else ("all" if r["promoted"] else "none")
-        lines.append(f"| {r['method']} | {r['bits']} | {r['fraction']:.0%} | {layers} | {r['ppl']:.3f} | {r['ppl'] / r['float']:.2f} | "
-                     f"{r['seconds']:.0f} |")
+        if "promoted" not in r:  # taken from another table, which does not record them
+            layers = f"(measured as {r['same_as']})"
+        else:
+            layers = ", ".join(p.split(".")[1] for p in r["promoted"]) if 0 < len(r["promoted"]) < 30 else ("all" if r["promoted"] else "none")
+        ratio = f"{r['ppl'] / float_ppl:.2f}" if float_ppl else ""
+        lines.append(f"| {r['method']} | {r['bits']} | {r['fraction']:.0%} | {layers} | {r['ppl']:.3f} | {ratio} | {r['seconds']:.0f} |")
     atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
     import matplotlib
 
@@ -97,8 +116,8 @@ def write(results: dict, out: Path) -> None:
     for method, bits in sorted({(r["method"], r["bits"]) for r in rows}, key=lambda k: (METHODS.index(k[0]), k[1])):
         mine = [r for r in rows if (r["method"], r["bits"]) == (method, bits)]
         axis.plot([100 * r["fraction"] for r in mine], [r["ppl"] for r in mine], marker="o", label=f"{bits}, {LABELS[method]}")
-    if rows:
-        axis.axhline(rows[0]["float"], color="gray", linestyle="--", label="float")
+    if float_ppl:
+        axis.axhline(float_ppl, color="gray", linestyle="--", label="float")
     axis.set_xlabel("down_proj inputs promoted to 16 bits (%)")
     axis.set_ylabel(f"perplexity ({s['eval_windows']} x {s['seq_len']} Brown tokens)")
     axis.set_yscale("log")
@@ -133,6 +152,12 @@ def main() -> int:
     options = ["--seq-len", str(args.seq_len), "--eval-windows", str(args.eval_windows), "--calib-windows", str(args.calib_windows),
                "--steps", str(args.steps)]
     for row in args.rows:
+        measured = measured_elsewhere(row, fig4_setup, setting, args.steps, reuse_sources())
+        if measured is not None:
+            method, bits, fraction = parse_row(row)
+            merge_row(results, {**measured, "method": method, "bits": bits, "fraction": fraction}, out, write,
+                      f" (measured as {measured['same_as']})")
+            continue
         measured = measure_in_child(__file__, row, options)
         if measured is None:
             return 1

@@ -134,23 +134,23 @@ def setting_of(args) -> dict:
             "steps": args.steps, "last_word_documents": args.last_word}
 
 
-def measured_elsewhere(row: str, setup_of, args, reuse) -> dict | None:
-    """A row another table already measured with the same pipeline arguments and the same setting
-    (e.g. the ablation's `+10%` is Table 1's quantnpu-paper p10): its measurement, marked `same_as`."""
-    if reuse is None:
-        return None
-    path, other_setup_of = reuse
-    other = json.loads(path.read_text()) if path.is_file() else {}
-    if other.get("setting") != setting_of(args):
-        return None
-    wanted = repr(setup_of(row, [], args.steps))
-    for measured in other.get("rows", []):
-        try:
-            same = measured["row"] != FLOAT_ROW and repr(other_setup_of(measured["row"], [], args.steps)) == wanted
-        except ValueError:
+def measured_elsewhere(row: str, setup_of, setting: dict, steps: int, sources) -> dict | None:
+    """A row another results file already measured with the same pipeline arguments in the same
+    setting (its setting may record more, e.g. last-word passages): that measurement, marked `same_as`.
+    `sources`: (results file, its setup function) pairs. E.g. the ablation's `+10%` is Table 1's
+    quantnpu-paper p10."""
+    wanted = repr(setup_of(row, [], steps))
+    for path, other_setup_of in sources or ():
+        other = json.loads(path.read_text()) if path.is_file() else {}
+        if {key: other.get("setting", {}).get(key) for key in setting} != setting:
             continue
-        if same:
-            return {**measured, "row": row, "same_as": f"{path.stem} {measured['row']}"}
+        for measured in other.get("rows", []):
+            try:
+                same = measured["row"] != FLOAT_ROW and repr(other_setup_of(measured["row"], [], steps)) == wanted
+            except ValueError:
+                continue
+            if same:
+                return {**measured, "row": row, "same_as": f"{path.stem} {measured['row']}"}
     return None
 
 
@@ -181,14 +181,15 @@ def measure_in_child(script: str, row: str, options: list[str]) -> dict | None:
     return json.loads(child.stdout.strip().splitlines()[-1])
 
 
-def run_rows(script: str, rows: list[str], args, out: Path, write, setup_of=row_setup, reuse=None) -> int:
+def run_rows(script: str, rows: list[str], args, out: Path, write, setup_of=row_setup, reuse=()) -> int:
     """Each row in its own process (bounded memory), merged into the results file as it finishes;
-    a row `reuse` (results file, its setup function) already measured the same way is taken from it."""
+    a row one of `reuse` ((results file, its setup function) pairs) already measured the same way is
+    taken from it."""
     results = open_results(out.with_suffix(".json"), setting_of(args), f"python bench/{Path(script).name} " + shlex.join(sys.argv[1:]))
     options = ["--seq-len", str(args.seq_len), "--eval-windows", str(args.eval_windows), "--calib-windows", str(args.calib_windows),
                "--steps", str(args.steps), "--last-word", str(args.last_word)]
     for row in rows:
-        measured = measured_elsewhere(row, setup_of, args, reuse) if row != FLOAT_ROW else None
+        measured = measured_elsewhere(row, setup_of, setting_of(args), args.steps, reuse) if row != FLOAT_ROW else None
         if measured is not None:
             merge_row(results, measured, out, write, f" (measured as {measured['same_as']})")
             continue
@@ -272,7 +273,7 @@ def pte_lines(fidelity: Path) -> list[str]:
     return lines
 
 
-def bench_main(script: str, description: str, default_rows: list[str], setup_of, write, name: str, reuse=None) -> int:
+def bench_main(script: str, description: str, default_rows: list[str], setup_of, write, name: str, reuse=()) -> int:
     """The command line of table1.py and ablation.py: validate the rows, then run each in its own
     process (`--one ROW` is that process), merging into bench/results/<name>.{json,md}."""
     parser = arguments(description, default_rows)
