@@ -31,6 +31,29 @@ class _Recorder(torch.fx.Interpreter):
         return super().run_node(node)
 
 
+class _InputCatcher(torch.fx.Interpreter):
+    def __init__(self, gm: torch.fx.GraphModule, roles: set[str], sink: dict) -> None:
+        super().__init__(gm)
+        self.roles, self.sink = roles, sink
+
+    def run_node(self, node: torch.fx.Node):
+        info = node_info(node)
+        if info is not None and info.role in self.roles and node.target == torch.ops.aten.linear.default:
+            x = self.env[node.args[0]].detach()
+            self.sink[info.role].append(x.reshape(-1, x.shape[-1]).clone())
+        return super().run_node(node)
+
+
+def linear_inputs(gm: torch.fx.GraphModule, windows: torch.Tensor, roles: set[str], desc: str = "linear inputs") -> dict[str, torch.Tensor]:
+    """{role: the rows entering that annotated linear over all `windows`, [tokens, in_features]}."""
+    sink: dict = defaultdict(list)
+    catcher = _InputCatcher(gm, roles, sink)
+    with torch.no_grad():
+        for window in tqdm(windows, desc=desc, unit="window"):
+            catcher.run(window.unsqueeze(0))
+    return {role: torch.cat(rows) for role, rows in sink.items()}
+
+
 def linear_input_stats(gm: torch.fx.GraphModule, windows: torch.Tensor, desc: str = "activation stats") -> dict[str, dict[str, float]]:
     """{role: {"max_over_std": .., "kurtosis": ..}} for every annotated linear of `gm`."""
     sink: dict = defaultdict(lambda: defaultdict(list))
