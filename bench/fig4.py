@@ -101,7 +101,7 @@ def write(results: dict, out: Path) -> None:
              "| method | W-A-KV | promoted | down_proj inputs at 16 bits | ppl | x float | pipeline s |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         if "promoted" not in r:  # taken from another table, which does not record them
-            layers = f"(measured as {r['same_as']})"
+            layers = ("none " if r["fraction"] == 0 else "") + f"(measured as {r['same_as']})"
         else:
             layers = ", ".join(p.split(".")[1] for p in r["promoted"]) if 0 < len(r["promoted"]) < 30 else ("all" if r["promoted"] else "none")
         ratio = f"{r['ppl'] / float_ppl:.2f}" if float_ppl else ""
