@@ -40,6 +40,7 @@ from quantnpu.models.smollm2 import load_smollm2  # noqa: E402
 from quantnpu.passes import PassManager  # noqa: E402
 from quantnpu.passes.weights import weight_tensor  # noqa: E402
 from quantnpu.pipeline import float_passes  # noqa: E402
+from quantnpu.quantizers.encodings import Encoding  # noqa: E402
 from quantnpu.quantizers.hadamard import random_hadamard  # noqa: E402
 from quantnpu.quantizers.init_rules import TensorStats, max_min_scale, mean_based_scale  # noqa: E402
 from quantnpu.runtime_harness.activation_stats import linear_inputs  # noqa: E402
@@ -52,8 +53,7 @@ COLUMNS = ("exported, Max-Min", "folded + R1, Max-Min", "folded + R1, mean rule"
 
 
 def fake_quant_weight(weight: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    scale = scale.to(weight.dtype).unsqueeze(1)
-    return (weight / scale).round().clamp(-2 ** (bits - 1), 2 ** (bits - 1) - 1) * scale
+    return Encoding(bits=bits, scale=tuple(scale.tolist()), axis=0).fake_quantize(weight)
 
 
 def relative_error(x: torch.Tensor, weight: torch.Tensor, quantized: torch.Tensor, reference: torch.Tensor | None = None) -> float:
