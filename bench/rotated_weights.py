@@ -3,11 +3,10 @@
 of 4-bit per-output-channel weights on the linears that read an RMSNorm (q/k/v, gate/up), in the
 graph as exported and after FoldNorms (+ R1).
 
-The post-attention RMSNorm weight g is nearly zero on a few channels (where the residual stream
-carries its massive activations): unrotated, the linear reads x * g and the weight's rounding noise
-on those channels is multiplied by ~0. FoldNorms moves g into the weight (W diag(g)) and R1 mixes all
-channels, so the rounding noise, now spread evenly over the rotated basis, meets the full massive
-activation. The last column tests that reading: the same rotated quantization with the suppressed
+The post-attention RMSNorm weight g is nearly zero on a few channels: unrotated, the linear reads
+x * g and the weight's rounding noise on those channels is multiplied by ~0. FoldNorms moves g into
+the weight (W diag(g)) and R1 mixes all channels, so the rounding noise, now spread evenly over the
+rotated basis, meets those channels' full normalized activation. The fourth column tests that reading: the same rotated quantization with the suppressed
 channels (g < 1% of its median) of the normalized input set to zero, which changes the layer's float
 output by the amount in "masking changes float output".
 
@@ -56,8 +55,8 @@ def fake_quant_weight(weight: torch.Tensor, scale: torch.Tensor, bits: int) -> t
     return Encoding(bits=bits, scale=tuple(scale.tolist()), axis=0).fake_quantize(weight)
 
 
-def relative_error(x: torch.Tensor, weight: torch.Tensor, quantized: torch.Tensor, reference: torch.Tensor | None = None) -> float:
-    reference = x @ weight.T if reference is None else reference
+def relative_error(x: torch.Tensor, weight: torch.Tensor, quantized: torch.Tensor) -> float:
+    reference = x @ weight.T
     return ((x @ quantized.T - reference).norm() / reference.norm()).item()
 
 
@@ -117,7 +116,7 @@ def main() -> int:
                                                             "suppressed": suppressed_by_norm, "rows": rows}, indent=1) + "\n")
     lines = ["# Rotated 4-bit weights: where Hadamard R1 hurts (SmolLM2-135M-Instruct)", "", f"Command: `{command}`", "",
              f"{args.calib_windows} x {args.seq_len} Brown calibration tokens, W{args.bits} symmetric per output channel; relative output "
-             "error averaged over the 30 layers (see the script's docstring for each column).", "",
+             f"error averaged over the {len(layers)} layers (see the script's docstring for each column).", "",
              "| linear (reads) | " + " | ".join(COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS)]
     for kind in kinds:
         lines.append(f"| {kind} ({NORM_OF[kind]}) | " + " | ".join(f"{summary[kind][c]:.4f}" for c in COLUMNS) + " |")
