@@ -11,6 +11,8 @@ Rows, each adding one component to the one before (as in the paper):
 - `+10%`: and the 10% most sensitive down_proj inputs at 16 bits;
 - `+100%`: every down_proj input at 16 bits;
 - `down16`: every down_proj input at 16 bits, static encodings, no learning.
+Side row, off the chain: `joint+10%`, `+init` with the 10% promotion, read against `+10%` (selective
+against joint once the down_proj inputs that carry most of the 8-bit error are at 16 bits).
 Same measurement as bench/table1.py (fake-quant ppl on 16 x 512 Brown tokens, lm-eval last-word
 accuracy), one row per process, merged into bench/results/ablation.{json,md}; a row Table 1 already
 measured with the same pipeline arguments and setting (+10%, +100%, down16) is taken from it, marked.
@@ -33,7 +35,10 @@ STEPS = ("D+R", "S+R", "S+R+scales", "+init", "+selective", "+10%", "+100%", "do
 ABLATION = {"D+R": ("rotations", "dynamic", "maxmin", "p0"), "S+R": ("rotations", "static", "maxmin", "p0"),
             "S+R+scales": ("joint", "static", "maxmin", "p0"), "+init": ("joint", "static", "rule", "p0"),
             "+selective": ("selective", "static", "rule", "p0"), "+10%": ("selective", "static", "rule", "p10"),
-            "+100%": ("selective", "static", "rule", "p100"), "down16": (None, None, None, "p100")}
+            "+100%": ("selective", "static", "rule", "p100"), "down16": (None, None, None, "p100"),
+            "joint+10%": ("joint", "static", "rule", "p10")}
+# side rows: not a step of the chain; each is read against the chain row named here (the paper expects that row lower)
+SIDE_ROWS = {"joint+10%": ("+10%", "selective beats joint, with 10% promotion")}
 # what each step is expected to do in the paper's direction: lower ppl than the row before
 PAPER_DIRECTION = {"S+R": "static simulation beats dynamic", "S+R+scales": "learning scales too helps",
                    "+init": "the init rule helps", "+selective": "selective beats joint", "+10%": "10% promotion helps",
@@ -46,7 +51,7 @@ def ablation_setup(row: str, calibration, steps: int) -> dict:
 
     bits, _, name = row.partition(":")
     if name not in ABLATION:
-        raise ValueError(f"row {row!r}: write BITS:STEP with STEP one of {', '.join(STEPS)}")
+        raise ValueError(f"row {row!r}: write BITS:STEP with STEP one of {', '.join((*STEPS, *SIDE_ROWS))}")
     optimize, simulate, init, promotion = ABLATION[name]
     setup = {"plan": BitPlan.parse(bits, ("*.down_proj.input=16",) if promotion == "p100" else ()), "rotate": "hadamard",
              "promote_fraction": 0.1 if promotion == "p10" else 0.0}
@@ -83,6 +88,12 @@ def write(results: dict, out: Path) -> None:
             lines.append(f"| {bits} | {name}{same} | {r['ppl']:.3f} | {acc} | {claim} | {holds} |")
             if name != "down16":
                 previous = r
+        for name, (against, claim) in SIDE_ROWS.items():
+            r, chain_row = by_row.get(f"{bits}:{name}"), by_row.get(f"{bits}:{against}")
+            if r is None:
+                continue
+            holds = "" if chain_row is None else "yes" if chain_row["ppl"] < r["ppl"] else "no"
+            lines.append(f"| {bits} | {name} (side row, against {against}) | {r['ppl']:.3f} | {last_word_text(r)} | {claim} | {holds} |")
     atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
 
 
