@@ -51,7 +51,7 @@ def ablation_setup(row: str, calibration, steps: int) -> dict:
 
     bits, _, name = row.partition(":")
     if name not in ABLATION:
-        raise ValueError(f"row {row!r}: write BITS:STEP with STEP one of {', '.join((*STEPS, *SIDE_ROWS))}")
+        raise ValueError(f"row {row!r}: write BITS:STEP with STEP one of {', '.join(ABLATION)}")
     optimize, simulate, init, promotion = ABLATION[name]
     setup = {"plan": BitPlan.parse(bits, ("*.down_proj.input=16",) if promotion == "p100" else ()), "rotate": "hadamard",
              "promote_fraction": 0.1 if promotion == "p10" else 0.0}
