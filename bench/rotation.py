@@ -87,7 +87,7 @@ def main() -> int:
     for config in args.configs:
         for rotate, gm in graphs.items():
             start = time.perf_counter()
-            quantized = PassManager(pipeline(f"et-{config}", calibration, rotate, progress=True)).run(program.module())
+            quantized = PassManager(pipeline(f"et-{config}", calibration, rotate=rotate, progress=True)).run(program.module())
             result = perplexity(quantized, windows, f"{config} fake-quant ({rotate})")
             seconds[f"{config} calibrate+convert+eval ({rotate})"] = round(time.perf_counter() - start, 1)
             results["fake_quant"].setdefault(config, {})[rotate] = result.as_dict()
@@ -99,7 +99,7 @@ def main() -> int:
         gm = PassManager(pipeline(rotate="hadamard")).run(short.module())
         short_windows = token_windows(eval_tokens, args.pte_seq_len, args.pte_windows)
         short_calibration = list(token_windows(calib_tokens, args.pte_seq_len, args.calib_windows).unsqueeze(1))
-        quantized = PassManager(pipeline(f"et-{args.pte_config}", short_calibration, "hadamard", progress=True)).run(short.module())
+        quantized = PassManager(pipeline(f"et-{args.pte_config}", short_calibration, rotate="hadamard", progress=True)).run(short.module())
         lowered = lower_to_qnn(quantized, (short_calibration[0],), ROOT / "build" / f"bench-smollm2-rotated-s{args.pte_seq_len}.{args.pte_config}.pte")
         pte = perplexity(PteModel(lowered.pte_path), short_windows, ".pte on HTP simulator (rotated)")
         fake = perplexity(quantized, short_windows, "fake-quant (rotated, pte windows)")

@@ -87,7 +87,7 @@ def main() -> int:
                         "relative_difference": abs(float_graph.ppl - float_eager.ppl) / float_eager.ppl}
     results["fake_quant"] = {}
     for config in args.configs:
-        quantized = timer(f"{config} calibrate+convert", lambda: PassManager(pipeline(f"et-{config}", calibration, "none", progress=True)).run(program.module()))
+        quantized = timer(f"{config} calibrate+convert", lambda: PassManager(pipeline(f"et-{config}", calibration, rotate="none", progress=True)).run(program.module()))
         result = timer(f"{config} ppl fake-quant", lambda: perplexity(quantized, windows, f"{config} fake-quant"))
         results["fake_quant"][config] = result.as_dict()
         print(f"{config}: fake-quant ppl {result.ppl:.3f}", flush=True)
@@ -98,7 +98,7 @@ def main() -> int:
         short_calibration = list(token_windows(calib_tokens, args.pte_seq_len, args.calib_windows).unsqueeze(1))
         short_program = timer("export (pte)", lambda: export_causal_lm(model, args.pte_seq_len))
         short_gm = PassManager(pipeline(rotate="none")).run(short_program.module())
-        quantized = timer(f"{args.pte_config} calibrate+convert (pte)", lambda: PassManager(pipeline(f"et-{args.pte_config}", short_calibration, "none", progress=True)).run(short_program.module()))
+        quantized = timer(f"{args.pte_config} calibrate+convert (pte)", lambda: PassManager(pipeline(f"et-{args.pte_config}", short_calibration, rotate="none", progress=True)).run(short_program.module()))
         pte_path = ROOT / "build" / f"bench-smollm2-s{args.pte_seq_len}.{args.pte_config}.pte"
         lowered = timer("lower to QNN", lambda: lower_to_qnn(quantized, (short_calibration[0],), pte_path))
         pte_float = perplexity(short_gm, short_windows, "float (pte windows)")

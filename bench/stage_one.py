@@ -36,7 +36,7 @@ from quantnpu.models.export import export_causal_lm  # noqa: E402
 from quantnpu.models.smollm2 import load_smollm2  # noqa: E402
 from quantnpu.passes import PassManager, StaticCalibration  # noqa: E402
 from quantnpu.passes.learn_encodings import LearnEncodings, StageOneConfig  # noqa: E402
-from quantnpu.pipeline import fake_quant_end, find_pass, pipeline  # noqa: E402
+from quantnpu.pipeline import STATIC, fake_quant_end, find_pass, pipeline  # noqa: E402
 from quantnpu.quantizers.bit_plan import BitPlan  # noqa: E402
 from quantnpu.runtime_harness.perplexity import perplexity  # noqa: E402
 from quantnpu.runtime_harness.records import package_versions, peak_memory_mib  # noqa: E402
@@ -86,7 +86,7 @@ def run_row(graph, bits: str, row: str, calibration, stage_one: StageOneConfig):
     """The pipeline up to StaticCalibration on a copy of `graph`: (fake-quant graph, facts)."""
     promote, learn, overrides, rounding = ROWS[row]
     plan = BitPlan.parse(bits, overrides)
-    passes = pipeline(plan, calibration, "hadamard", progress=True, promote_fraction=promote,
+    passes = pipeline(plan, calibration, STATIC, progress=True, promote_fraction=promote,
                       stage_one=stage_one if learn else None, weight_rounding=rounding)
     learner = find_pass(passes, LearnEncodings)
     if learner is not None:

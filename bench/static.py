@@ -39,7 +39,7 @@ from quantnpu.models.smollm2 import load_smollm2  # noqa: E402
 from quantnpu.passes import PassManager, PlanBitWidths  # noqa: E402
 from quantnpu.passes.integer_only import integer_only_violations  # noqa: E402
 from quantnpu.quantizers.bit_plan import BitPlan  # noqa: E402
-from quantnpu.pipeline import find_pass, pipeline  # noqa: E402
+from quantnpu.pipeline import STATIC, find_pass, pipeline  # noqa: E402
 from quantnpu.runtime_harness.perplexity import perplexity  # noqa: E402
 from quantnpu.runtime_harness.pte import PteModel  # noqa: E402
 from quantnpu.runtime_harness.records import package_versions, peak_memory_mib  # noqa: E402
@@ -63,7 +63,7 @@ def fake_quant(graph, plan, calibration, rotate: str = "hadamard", promote_fract
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        passes = pipeline(plan, calibration, rotate, progress=True, promote_fraction=promote_fraction)
+        passes = pipeline(plan, calibration, STATIC, rotate=rotate, progress=True, promote_fraction=promote_fraction)
         fq = PassManager(passes, stop_after="StaticCalibration").run(copy.deepcopy(graph))
     deviations = [asdict(d) for d in find_pass(passes, PlanBitWidths).deviations]
     warned = sorted({str(w.message).split(":")[0] for w in caught if "against the rule" in str(w.message)})
@@ -72,7 +72,7 @@ def fake_quant(graph, plan, calibration, rotate: str = "hadamard", promote_fract
 
 def converted(fq, plan, calibration, rotate: str = "hadamard"):
     """The rest of the pipeline on a fake-quant graph from `fake_quant`: the integer-only Q/DQ graph."""
-    return PassManager(pipeline(plan, calibration, rotate)).run(copy.deepcopy(fq), start_after="StaticCalibration")
+    return PassManager(pipeline(plan, calibration, STATIC, rotate=rotate)).run(copy.deepcopy(fq), start_after="StaticCalibration")
 
 
 def float_graph(graph, rotate: str = "hadamard"):

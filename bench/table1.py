@@ -83,11 +83,11 @@ def row_setup(row: str, calibration, steps: int) -> dict:
 def fake_quant(graph, setup: dict, calibration):
     """The row's fake-quant graph (the pipeline up to its last calibration or rounding pass) and its seconds."""
     from quantnpu.passes import PassManager
-    from quantnpu.pipeline import fake_quant_end, pipeline
+    from quantnpu.pipeline import STATIC, fake_quant_end, pipeline
 
     setup = dict(setup)
     plan, rotate = setup.pop("plan"), setup.pop("rotate")
-    passes = pipeline(plan, calibration, rotate, progress=True, **setup)
+    passes = pipeline(plan, calibration, STATIC, rotate=rotate, progress=True, **setup)
     start = time.perf_counter()
     stop = fake_quant_end(passes) if not isinstance(plan, str) else None
     fq = PassManager(passes, stop_after=stop, progress=True).run(copy.deepcopy(graph))

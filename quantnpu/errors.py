@@ -1,4 +1,7 @@
-"""User-facing errors: each one is printed as a single line by the command-line tools."""
+"""User-facing errors: each one is printed as a single line by the command-line tools.
+
+`InternalError` is the other kind: not the user's input but a bug in quantnpu, raised with the
+original exception chained, and printed by the command-line tools with its traceback."""
 
 
 class QuantNpuError(Exception):
@@ -40,3 +43,13 @@ class FunctionChangedError(QuantNpuError):
 
 class Interrupted(QuantNpuError):
     """A long job stopped on the user's Ctrl-C after saving what it had; the message says how to go on."""
+
+
+class InternalError(Exception):
+    """A pass raised something that is not a `QuantNpuError`: a bug in quantnpu, not bad input.
+    Names the pass; the original exception is `cause` (and `__cause__`, with its traceback)."""
+
+    def __init__(self, pass_name: str, cause: BaseException) -> None:
+        self.pass_name = pass_name
+        self.cause = cause
+        super().__init__(f"internal error in pass {pass_name}: {type(cause).__name__}: {cause}")

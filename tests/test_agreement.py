@@ -8,7 +8,7 @@ import torch
 
 from quantnpu.graph.meta import QUANT_KEY
 from quantnpu.graph.ops import quantize_kind
-from quantnpu.pipeline import pipeline
+from quantnpu.pipeline import STATIC, pipeline
 from quantnpu.runtime_harness.agreement import (_inputs_of_layers, _layers_in_order, _narrowing_copy, agreement_tensors,
                                                 check_agreement)
 from tests.graph_testing import run_passes, tiny_graph
@@ -21,7 +21,7 @@ def tiny_qdq():
     torch.manual_seed(0)
     graph = tiny_graph("llama", layers=2, seq_len=SEQ)
     calibration = [torch.randint(0, 128, (1, SEQ)) for _ in range(8)]
-    quantized = run_passes(graph, pipeline("8-8-8", calibration))
+    quantized = run_passes(graph, pipeline("8-8-8", calibration, STATIC))
     window = torch.randint(0, 128, (1, SEQ), generator=torch.Generator().manual_seed(7))
     return quantized, window
 

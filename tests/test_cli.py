@@ -71,6 +71,27 @@ def test_graph_without_decoder_structure(tmp_path):
     _assert_one_line_error(_lower(path), r"pass AnnotateRoles failed: no final_norm found: not a decoder LM graph")
 
 
+def test_a_bug_in_a_pass_is_an_internal_error_with_its_traceback(tmp_path, tiny_pt2):
+    """A planted bug (a KeyError inside AnnotateRoles) is not printed as bad input: the traceback,
+    then one line naming the pass and saying it is quantnpu's bug, exit 70 (not 2), nothing written."""
+    driver = ("import sys\n"
+              "from quantnpu.passes.annotate_roles import AnnotateRoles\n"
+              "def planted_bug(self, gm):\n"
+              "    return {}['layers.0.q_proj']\n"
+              "AnnotateRoles.call = planted_bug\n"
+              "from quantnpu.cli import main\n"
+              "sys.exit(main(sys.argv[1:]))\n")
+    output = tmp_path / "out.pte"
+    result = subprocess.run([sys.executable, "-c", driver, str(tiny_pt2), "-o", str(output), "-q", "--calib-windows", "1"],
+                            capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 70, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert not [line for line in lines if line.startswith("error: ")], result.stderr
+    assert "Traceback" in result.stderr and "planted_bug" in result.stderr
+    assert lines[-1].startswith("internal error in pass AnnotateRoles: KeyError: 'layers.0.q_proj' -- a bug in quantnpu"), lines[-1]
+    assert not output.exists() and not output.with_suffix(".json").exists()
+
+
 def test_unknown_config(tiny_pt2):
     _assert_one_line_error(_lower(tiny_pt2, "--quant", "3a3w"), r"unknown quantization config '3a3w': choose one of quantnpu, et-8a8w, et-16a8w")
 
@@ -94,11 +115,42 @@ def test_qnn_libraries_missing(tmp_path, tiny_pt2):
     assert not output.exists()
 
 
-def test_end_to_end_on_a_tiny_model(tmp_path, tiny_pt2):
-    output = tmp_path / "tiny.pte"
-    encodings = tmp_path / "encodings.json"
+@pytest.fixture(scope="module")
+def end_to_end(tmp_path_factory, tiny_pt2):
+    """The CLI with its defaults (the shipped recipe, 4-8-8), 3 stage-one steps, on the tiny model."""
+    folder = tmp_path_factory.mktemp("end_to_end")
+    output, encodings = folder / "tiny.pte", folder / "encodings.json"
     result = _lower(tiny_pt2, "-o", output, "--calib-windows", "2", "--eval", "--eval-windows", "1", "-q",
                     "--encodings", encodings, "--steps", "3")
+    return folder, output, encodings, result
+
+
+def test_python_pipeline_gives_the_cli_encodings(end_to_end, tiny_pt2, tmp_path):
+    """The README's Python example (`pipeline(bits, batches)`, the shipped recipe) on the CLI's
+    calibration windows writes a byte-identical encodings file: one recipe, one set of defaults,
+    and the same seed gives the same bytes."""
+    import dataclasses
+
+    from quantnpu.models.corpus import windows_for
+    from quantnpu.models.export import load_pt2
+    from quantnpu.models.smollm2 import load_tokenizer
+    from quantnpu.passes import PassManager
+    from quantnpu.passes.convert import ENCODINGS_META
+    from quantnpu.pipeline import SHIPPED, pipeline
+    from quantnpu.quantizers.encodings import write_encodings
+
+    _, _, cli_encodings, result = end_to_end
+    assert result.returncode == 0, result.stdout + result.stderr
+    batches = list(windows_for(load_tokenizer(), None, "calibration", 16, 2).reshape(-1, 1, 16))
+    passes = pipeline(SHIPPED.bits, batches, stage_one=dataclasses.replace(SHIPPED.stage_one, steps=3))
+    quantized = PassManager(passes).run(load_pt2(tiny_pt2).module())
+    ours = write_encodings(tmp_path / "python.json", quantized.meta[ENCODINGS_META])
+    assert ours.read_bytes() == cli_encodings.read_bytes()
+
+
+def test_end_to_end_on_a_tiny_model(end_to_end):
+    folder, output, encodings, result = end_to_end
+    tmp_path = folder
     assert result.returncode == 0, result.stdout + result.stderr
     assert output.is_file() and output.with_suffix(".json").is_file()
     assert f".pte: {output}" in result.stdout
@@ -115,6 +167,7 @@ def test_end_to_end_on_a_tiny_model(tmp_path, tiny_pt2):
     assert stage_one["learned_encodings_kept"] > 0
     assert record["smoothing"]["mode"] == "search" and record["weight_rounding"]["method"] == "gptq"  # the defaults
     assert record["leading_split"]["mode"] == "auto" and len(record["leading_split"]["layers"]) == 1
+    assert record["recipe"]["name"] == "custom" and record["recipe"]["stage_one"]["steps"] == 3  # shipped, --steps 3
     table = read_encodings(encodings)
     activations, params = table.activations, table.params
     assert table.edges  # the re-quantizing edges travel with the file

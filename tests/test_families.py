@@ -14,7 +14,7 @@ from quantnpu.models.tiny import FAMILIES, tiny_model
 from quantnpu.passes import FuseRotations, PassManager
 from quantnpu.graph.meta import nodes_by_role, node_info
 from quantnpu.graph.equivalence import as_float64, sample_token_ids
-from quantnpu.pipeline import find_pass, float_passes, pipeline
+from quantnpu.pipeline import STATIC, find_pass, float_passes, pipeline
 from tests.graph_testing import relative_max
 
 SEQ = 8
@@ -76,7 +76,7 @@ def test_quantized_program_lowers_to_one_delegate_and_runs(family, tmp_path):
 
     gm = _export(family, None)
     calibration = [sample_token_ids(gm, seed) for seed in range(4)]
-    quantized = PassManager(pipeline("8-8-8", calibration)).run(copy.deepcopy(gm))
+    quantized = PassManager(pipeline("8-8-8", calibration, STATIC)).run(copy.deepcopy(gm))
     lowered = lower_to_qnn(quantized, (calibration[0],), tmp_path / f"{family}.pte")
     assert lowered.delegates == 1 and lowered.outside_delegates == []
     ids = sample_token_ids(gm, seed=9)

@@ -9,7 +9,7 @@ from quantnpu.errors import DelegationError
 from quantnpu.lowering.lower import lower_to_qnn
 from quantnpu.passes import PassManager
 from quantnpu.passes.convert import QuantizeWithQnnQuantizer
-from quantnpu.pipeline import pipeline
+from quantnpu.pipeline import STATIC, pipeline
 from quantnpu.runtime_harness.pte import PteModel
 from tests.graph_testing import run_passes, tiny_graph
 
@@ -90,8 +90,8 @@ def tiny_quantnpu(tmp_path_factory):
     graph = tiny_graph("llama", layers=2, seq_len=SEQ)
     calibration = [torch.randint(0, 128, (1, SEQ)) for _ in range(8)]
     gm = run_passes(copy.deepcopy(graph), pipeline())
-    fake_quant = PassManager(pipeline("8-8-8", calibration), stop_after="StaticCalibration").run(copy.deepcopy(graph))
-    quantized = run_passes(graph, pipeline("8-8-8", calibration))
+    fake_quant = PassManager(pipeline("8-8-8", calibration, STATIC), stop_after="StaticCalibration").run(copy.deepcopy(graph))
+    quantized = run_passes(graph, pipeline("8-8-8", calibration, STATIC))
     return gm, fake_quant, quantized, tmp_path_factory.mktemp("quantnpu")
 
 

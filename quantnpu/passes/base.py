@@ -18,7 +18,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from torch.fx.passes.infra.pass_manager import this_before_that_pass_constraint
 from tqdm import tqdm
 
-from quantnpu.errors import FunctionChangedError, GraphStructureError, Interrupted, PassFailedError, QuantNpuError
+from quantnpu.errors import FunctionChangedError, GraphStructureError, InternalError, Interrupted, PassFailedError, QuantNpuError
 from quantnpu.graph.equivalence import FunctionCheck
 
 __all__ = ["GraphPass", "PassManager", "PassRecord", "PassResult"]
@@ -76,7 +76,9 @@ class PassManager:
     After every pass: `gm.graph.lint()`, `gm.recompile()`, and the pass's `ensures`. Each pass
     gets a `PassRecord` (time, node counts, a one-line summary of the op-count change).
     `stop_after` names a pass after which the run stops, so the intermediate graph can be seen.
-    Any failure is re-raised as `PassFailedError` naming the pass (and the node, when known).
+    A `QuantNpuError` raised in a pass (the graph or a setting is not one it can take) is re-raised
+    as `PassFailedError` naming the pass (and the node, when known): a user error. Anything else is a
+    bug in quantnpu and is re-raised as `InternalError` naming the pass, the original chained.
 
     `verify` (on by default): the input graph's logits on seeded random token ids are the
     reference, and after each pass that `preserves_function`, up to the first one that does not,
@@ -151,10 +153,12 @@ class PassManager:
                     difference = check.difference(gm)
                     if not difference <= check.tolerance:
                         raise FunctionChangedError(f"it changed the function: {check.describe(difference)}")
-            except (PassFailedError, Interrupted):
+            except (PassFailedError, InternalError, Interrupted):
                 raise
-            except (QuantNpuError, AssertionError, RuntimeError, ValueError, KeyError, TypeError) as error:
+            except QuantNpuError as error:  # the input: a graph or setting this pass cannot take
                 raise PassFailedError(graph_pass.name, error) from error
+            except Exception as error:  # noqa: BLE001 -- anything else is a bug in the pass: not the user's
+                raise InternalError(graph_pass.name, error) from error
             after = _op_counts(gm)
             self.records.append(PassRecord(
                 name=graph_pass.name,

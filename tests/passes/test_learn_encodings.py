@@ -16,7 +16,7 @@ from quantnpu.passes.fuse_rotations import R1_NAME
 from quantnpu.passes.learn_encodings import (
     LearnEncodings, StageOneConfig, insert_stage_one_quantizers, rotation_parameters,
 )
-from quantnpu.pipeline import find_pass, float_passes, pipeline
+from quantnpu.pipeline import STATIC, find_pass, float_passes, pipeline
 from quantnpu.quantizers.bit_plan import BitPlan
 from quantnpu.quantizers.learnable import orthogonality_error
 from tests.graph_testing import tiny_graph
@@ -132,7 +132,7 @@ def test_summary_means_the_loss_over_the_first_and_last_pass_of_the_windows():
 def test_stage_two_keeps_the_learned_encodings_frozen():
     gm = tiny_graph("llama", layers=2, seq_len=16)
     batches = calibration(gm)
-    passes = pipeline(PLAN, batches, stage_one=StageOneConfig(steps=2))
+    passes = pipeline(PLAN, batches, STATIC, stage_one=StageOneConfig(steps=2))
     fq = PassManager(passes, stop_after="StaticCalibration").run(gm)
     calibrated = find_pass(passes, StaticCalibration)
     assert calibrated.learned_used > 0 and not calibrated.learned_ignored
@@ -256,7 +256,7 @@ def test_stage_one_through_the_whole_pipeline_on_other_families(family):
     from quantnpu.models.tiny import tiny_model
 
     gm = export_causal_lm(tiny_model(family), 16).module()
-    passes = pipeline(PLAN, calibration(gm, 3), promote_fraction=0.5, stage_one=StageOneConfig(steps=2))
+    passes = pipeline(PLAN, calibration(gm, 3), STATIC, promote_fraction=0.5, stage_one=StageOneConfig(steps=2))
     with pytest.warns() if family == "gemma2" else _no_context():
         PassManager(passes).run(gm)
     learner, calibrated = find_pass(passes, LearnEncodings), find_pass(passes, StaticCalibration)

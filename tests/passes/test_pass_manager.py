@@ -1,11 +1,12 @@
-"""PassManager: order, lint after every pass, stop_after, records, errors that name pass and node."""
+"""PassManager: order, lint after every pass, stop_after, records, errors that name pass and node;
+a bug in a pass (anything but a QuantNpuError) is an internal error, never reported as bad input."""
 
 import pytest
 import torch
 import torch.fx
 
-from quantnpu.errors import GraphStructureError, PassFailedError, QuantNpuError
-from quantnpu.passes.base import GraphPass, PassManager, PassResult
+from quantnpu.errors import GraphStructureError, InternalError, PassFailedError, QuantNpuError
+from quantnpu.passes.base import GraphPass, PassManager, PassResult, require
 
 
 class _Linear2(torch.nn.Module):
@@ -77,7 +78,17 @@ class _EnsuresNoLinear(GraphPass):
         return PassResult(gm, False)
 
     def ensures(self, gm):
-        assert not any(n.target == torch.ops.aten.linear.default for n in gm.graph.nodes), "a linear is left"
+        require(not any(n.target == torch.ops.aten.linear.default for n in gm.graph.nodes), "a linear is left")
+
+
+class _Buggy(GraphPass):
+    """A planted bug: the kind of mistake a pass makes (a wrong key, a None where a node was meant)."""
+
+    def __init__(self, error):
+        self.error = error
+
+    def call(self, gm):
+        raise self.error
 
 
 def test_runs_passes_in_order_and_records_each():
@@ -112,9 +123,22 @@ def test_declared_order_is_enforced():
         PassManager([_Second(), _First()])
 
 
-def test_lint_failure_names_the_pass():
-    with pytest.raises(PassFailedError, match="pass _BreaksGraph failed"):
+def test_lint_failure_is_an_internal_error_naming_the_pass():
+    """A pass that leaves a malformed graph has a bug: not the user's input."""
+    with pytest.raises(InternalError, match="internal error in pass _BreaksGraph: RuntimeError") as info:
         PassManager([_BreaksGraph()], verify=False).run(_gm())
+    assert not isinstance(info.value, QuantNpuError)
+
+
+@pytest.mark.parametrize("error", [KeyError("layers.0.q_proj"), TypeError("'NoneType' object is not subscriptable"),
+                                   AssertionError("shapes differ"), RuntimeError("mat1 and mat2 shapes cannot be multiplied"),
+                                   ValueError("too many values to unpack"), AttributeError("'Node' object has no attribute 'x'")])
+def test_a_bug_in_a_pass_is_not_reported_as_bad_input(error):
+    with pytest.raises(InternalError) as info:
+        PassManager([_First(), _Buggy(error)], verify=False).run(_gm())
+    assert not isinstance(info.value, QuantNpuError)  # the CLI prints QuantNpuErrors as one-line user errors
+    assert info.value.pass_name == "_Buggy" and info.value.cause is error and info.value.__cause__ is error
+    assert str(info.value).startswith(f"internal error in pass _Buggy: {type(error).__name__}")
 
 
 def test_pass_error_names_pass_and_node():

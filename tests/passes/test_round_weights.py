@@ -11,7 +11,7 @@ from quantnpu.graph.equivalence import logits_of
 from quantnpu.passes import PassManager
 from quantnpu.passes.round_weights import RoundWeightsGptq, gptq_codes
 from quantnpu.passes.static_calibration import encodings_by_tensor
-from quantnpu.pipeline import fake_quant_end, find_pass, pipeline
+from quantnpu.pipeline import STATIC, fake_quant_end, find_pass, pipeline
 from quantnpu.quantizers.encodings import Encoding
 from tests.graph_testing import tiny_graph
 
@@ -53,9 +53,9 @@ def _calibration(count: int = 4, seq_len: int = 16):
 def test_pipeline_rounds_the_4_bit_weights_on_their_grid_and_keeps_the_encodings():
     graph = tiny_graph("llama", layers=2, seq_len=16)
     calibration = _calibration()
-    nearest_passes = pipeline("4-8-8", calibration)
+    nearest_passes = pipeline("4-8-8", calibration, STATIC)
     nearest = PassManager(nearest_passes, stop_after=fake_quant_end(nearest_passes)).run(copy.deepcopy(graph))
-    passes = pipeline("4-8-8", calibration, weight_rounding="gptq")
+    passes = pipeline("4-8-8", calibration, STATIC, weight_rounding="gptq")
     assert fake_quant_end(passes) == "RoundWeightsGptq"
     rounded = PassManager(passes, stop_after=fake_quant_end(passes)).run(copy.deepcopy(graph))
     gptq = find_pass(passes, RoundWeightsGptq)
@@ -83,7 +83,7 @@ def test_bad_gptq_settings_are_one_line_errors():
     with pytest.raises(QuantNpuError, match="dampening must be in"):
         RoundWeightsGptq([], damp=1.5)
     with pytest.raises(QuantNpuError, match="unknown weight rounding 'stochastic'"):
-        pipeline("4-8-8", _calibration(), weight_rounding="stochastic")
+        pipeline("4-8-8", _calibration(), STATIC, weight_rounding="stochastic")
     _, w, _ = _layer()
     with pytest.raises(QuantNpuError, match="one scale per output channel"):
         gptq_codes(w, torch.eye(w.shape[1]), Encoding(bits=4, scale=(0.1,)))

@@ -15,7 +15,7 @@ from quantnpu.models.export import export_causal_lm
 from quantnpu.models.tiny import FAMILIES, tiny_model
 from quantnpu.passes import LeadingTokenSplit, PassManager, SplitLeadingTokens
 from quantnpu.passes.round_weights import RoundWeightsGptq
-from quantnpu.pipeline import fake_quant_end, find_pass, float_passes, pipeline
+from quantnpu.pipeline import STATIC, fake_quant_end, find_pass, float_passes, pipeline
 from quantnpu.quantizers.bit_plan import BitPlan
 from tests.graph_testing import annotated_graph, as_float64, assert_pass_diff, relative_max, run_passes
 
@@ -92,7 +92,7 @@ def test_auto_splits_the_outsized_first_token_and_lowers_the_other_tokens_error(
     calibration, evaluation = _windows(4, 1), _windows(4, 2)
     errors = {}
     for mode in ("off", "auto"):
-        passes = pipeline("8-8-8", calibration, "none", leading_split=LeadingTokenSplit(mode=mode))
+        passes = pipeline("8-8-8", calibration, STATIC, rotate="none", leading_split=LeadingTokenSplit(mode=mode))
         fq = PassManager(passes, stop_after=fake_quant_end(passes)).run(copy.deepcopy(gm))
         with torch.no_grad():
             quantized, reference = torch.cat([fq(w)[0] for w in evaluation]), torch.cat([gm(w)[0] for w in evaluation])
@@ -118,7 +118,7 @@ def test_leading_copy_follows_the_plan_with_its_own_encodings_and_shares_the_wei
     gm = export_causal_lm(_sink_model(), SEQ).module()
     calibration = _windows(3, 1)
     plan = BitPlan.parse("4-8-8", ["layers.1.up_proj@leading.input=16"])
-    passes = pipeline(plan, calibration, "hadamard", leading_split=LeadingTokenSplit(mode="all"), weight_rounding="gptq")
+    passes = pipeline(plan, calibration, STATIC, leading_split=LeadingTokenSplit(mode="all"), weight_rounding="gptq")
     fq = PassManager(passes, stop_after=fake_quant_end(passes)).run(copy.deepcopy(gm))
     roles = nodes_by_role(fq)
     # gate_proj reads 16 bits in both (its output is 16-bit: HTP legalization); an override can name the copy alone
@@ -172,7 +172,7 @@ def test_with_the_split_smoothing_and_promotion_statistics_leave_the_leading_tok
     from quantnpu.passes import AssignBitWidths, SmoothingConfig, SmoothUnrotatedInputs
 
     calibration = _windows(2, 1)
-    passes = pipeline("8-8-8", calibration, "none", promote_fraction=0.5, smoothing=SmoothingConfig(mode="fixed"),
+    passes = pipeline("8-8-8", calibration, STATIC, rotate="none", promote_fraction=0.5, smoothing=SmoothingConfig(mode="fixed"),
                       leading_split=LeadingTokenSplit(mode="auto", tokens=1))
     assert find_pass(passes, SmoothUnrotatedInputs).config.skip_leading == 1 and find_pass(passes, AssignBitWidths).skip_leading == 1
     # on the planted sink, the down_proj factors (max|X_j|^a / max|W_j|^(1-a)) no longer see it
