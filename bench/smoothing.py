@@ -8,7 +8,6 @@ Each row is `BITS:PROMOTION:SMOOTHING:ROUNDING[:stage1][:lead]`:
 - SMOOTHING `off`, `fixed` (alpha 0.5) or `fixedA` (e.g. `fixed0.7`: one alpha for every layer),
   `search` (per layer, the alpha with the smallest quantized output error of that linear, with the
   producer's quantized output in the model; `search-linear`: the linear's input and weight only),
-  `global` (one alpha, the one whose quantized model has the smallest calibration KL to float),
   `learn` (the search's factors as the start, learned in stage one);
 - ROUNDING `nearest` or `gptq` (the weights of at most 4 bits; `gptq8`: the 8-bit ones too);
 - `stage1`: stage one (selective, 32 steps, the defaults of `StageOneConfig`) before stage two;
@@ -107,8 +106,6 @@ def run_row(graph, row: dict, calibration, stage_one: StageOneConfig):
     fq = PassManager(passes, stop_after=fake_quant_end(passes), progress=True).run(copy.deepcopy(graph))
     facts: dict = {"seconds": round(time.perf_counter() - start, 1)}
     smoothing = find_pass(passes, SmoothUnrotatedInputs)
-    if smoothing is not None and smoothing.global_kl:
-        facts["global_kl"] = {str(a): round(kl, 5) for a, kl in smoothing.global_kl.items()}
     if smoothing is not None:
         facts["smoothing"] = [{"role": s.role, "alpha": s.alpha, "min": float(s.factors.min()), "max": float(s.factors.max()),
                                "input_max_ratio": round(s.input_max_ratio, 2)} for s in smoothing.layers]
@@ -150,8 +147,7 @@ def write(results: dict, out: Path) -> None:
         "after smoothing), p100 = all of them. Smoothing: SmoothQuant factors `max|X_j|^a / max|W_:,j|^(1-a)` on "
         "down_proj's and o_proj's inputs, folded into up/down and v/o; `search` = per-layer alpha by the smoothed linear's "
         "quantized output error with its producer's quantized output (up_proj's 8-bit output, V) modelled; `search-linear` = "
-        "the same without the producer; `learn` = search, then learned in stage one; `global` = one alpha for all layers by the quantized model's KL to float on 4 calibration "
-        "windows. GPTQ: the 4-bit weights (gptq8: every weight) re-rounded with the calibration inputs "
+        "the same without the producer; `learn` = search, then learned in stage one. GPTQ: the 4-bit weights (gptq8: every weight) re-rounded with the calibration inputs "
         "as the quantized graph sees them, same scales. 16-bit linear inputs: down_proj inputs (lm_head reads 16 bits "
         "in every plan, and gate_proj reads 16 bits since its output is 16-bit). Leading-token split (`lead`): the MLPs whose first "
         "token is over 2x larger than the rest somewhere get a copy for that token with the same plan and encodings of its own "
@@ -171,12 +167,6 @@ def write(results: dict, out: Path) -> None:
         lines.append(f"| {row['bits']} | {row['promotion']} | {row['smoothing']} | {row['rounding']} | {'yes' if row['stage_one'] else 'no'} | "
                      f"{split} | {sixteen} | {row['ppl']:.3f} | {row['ppl'] / float_ppl:.2f} | {target_text} | {row['seconds']:.0f} |")
     lines += ["", f"Peak RSS of the run: {results.get('peak_rss_mib', float('nan')):.0f} MiB.", ""]
-    tuned = [r for r in results["rows"] if r.get("global_kl")]
-    if tuned:
-        lines += ["## Calibration KL of each alpha (`global`)", ""]
-        for r in tuned:
-            lines.append(f"- {r['row']}: " + ", ".join(f"alpha {a}: {kl:.4f}" for a, kl in r["global_kl"].items()))
-        lines.append("")
     searched = [r for r in results["rows"] if r["smoothing"].startswith("search") and r.get("smoothing_layers")]
     if searched:
         lines += ["## Alphas the search chose (down_proj / o_proj, layer order)", ""]

@@ -19,9 +19,6 @@ consuming weight as the graph computes it now, i.e. after R1/R2):
   (the initialization rule's scales): the producer's output (up_proj's; V), the linear's input and
   its weight. (Without the producer's output the criterion picks alpha ~0.9 almost everywhere and
   ends worse than one fixed 0.5: the factor squashes up_proj's outlier channels below their 8-bit step.)
-- `global`: one alpha for every layer, the one of `alphas` whose fully quantized model (stage two
-  on a few calibration windows) has the smallest KL to the float model on them: the end-to-end
-  criterion, at one stage-two calibration per alpha (bench/results/smoothing.md compares them);
 - `learn`: the search's factors, then learned in stage one (LearnEncodings, `learn_smoothing`).
 A channel that never fires (max |X_j| = 0) or a zero weight column keeps `s_j = 1`. Every factor
 is recorded (`factors`, `report()`); the verifier checks that the function is unchanged.
@@ -53,7 +50,7 @@ from quantnpu.quantizers.bit_plan import BitPlan
 from quantnpu.quantizers.init_rules import TensorStats, initial_scale
 
 aten = torch.ops.aten
-SMOOTH_MODES = ("off", "fixed", "search", "global", "learn")
+SMOOTH_MODES = ("off", "fixed", "search", "learn")
 SMOOTH_TARGETS = ("down_proj", "o_proj")
 LOG_FACTOR_BOUND = math.log(1e5)  # factors stay in [1e-5, 1e5] (stage one clamps the learned ones too)
 
@@ -65,11 +62,9 @@ def smoothing_parameters(gm: torch.fx.GraphModule) -> list[tuple[str, torch.nn.P
 
 @dataclass(frozen=True)
 class SmoothingConfig:
-    """`mode`: off | fixed | search | global | learn (learn: the search's factors as the start,
-    stage one learns them). `alpha`: the fixed migration strength; `alphas`, `global_alphas`: the grids of
-    search and global;
+    """`mode`: off | fixed | search | learn (learn: the search's factors as the start,
+    stage one learns them). `alpha`: the fixed migration strength; `alphas`: the search's grid;
     `targets`: which inputs; `sample_rows`: calibration rows per layer kept for the search;
-    `global_windows`: calibration windows global quantizes and scores each alpha on;
     `search_criterion`: "producer" (default) or "linear" (the linear alone, see the module doc)."""
 
     mode: str = "fixed"
@@ -78,8 +73,6 @@ class SmoothingConfig:
     targets: tuple[str, ...] = SMOOTH_TARGETS
     sample_rows: int = 2048
     search_criterion: str = "producer"  # "linear": the linear's input and weight only (the ablation)
-    global_alphas: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7)  # each costs a stage-two calibration
-    global_windows: int = 4
     # positions at the start of each window left out of down_proj's statistics: the leading-token
     # split gives them their own 16-bit copy of the MLP (the pipeline sets it)
     skip_leading: int = 0
@@ -87,15 +80,15 @@ class SmoothingConfig:
     def __post_init__(self) -> None:
         if self.mode not in SMOOTH_MODES:
             raise QuantNpuError(f"smoothing: unknown mode {self.mode!r}: choose one of {', '.join(SMOOTH_MODES)}")
-        for alpha in (self.alpha, *self.alphas, *self.global_alphas):
+        for alpha in (self.alpha, *self.alphas):
             if not 0.0 <= alpha <= 1.0:
                 raise QuantNpuError(f"smoothing: alpha must be in [0, 1], got {alpha}")
         if self.search_criterion not in ("producer", "linear"):
             raise QuantNpuError(f"smoothing: search criterion must be producer or linear, got {self.search_criterion!r}")
         if self.skip_leading < 0:
             raise QuantNpuError(f"smoothing: skip_leading must be >= 0, got {self.skip_leading}")
-        if self.global_windows < 1 or self.sample_rows < 1:
-            raise QuantNpuError("smoothing: global_windows and sample_rows must be at least 1")
+        if self.sample_rows < 1:
+            raise QuantNpuError("smoothing: sample_rows must be at least 1")
         unknown = [t for t in self.targets if t not in SMOOTH_TARGETS]
         if unknown or not self.targets:
             raise QuantNpuError(f"smoothing: targets must be among {', '.join(SMOOTH_TARGETS)}, got {', '.join(self.targets) or 'none'}")
@@ -172,11 +165,10 @@ class SmoothUnrotatedInputs(GraphPass):
 
     def __init__(self, calibration: Sequence[torch.Tensor], config: SmoothingConfig = SmoothingConfig(),
                  plan: BitPlan | None = None, progress: bool = False) -> None:
-        if config.mode in ("search", "global", "learn") and plan is None:
+        if config.mode in ("search", "learn") and plan is None:
             raise QuantNpuError(f"smoothing {config.mode} needs the bit plan (the bits it quantizes at)")
         self.calibration, self.config, self.plan, self.progress = list(calibration), config, plan, progress
         self.layers: list[LayerSmoothing] = []
-        self.global_kl: dict[float, float] = {}  # global mode: alpha -> calibration KL of the quantized model
 
     @property
     def _choice(self) -> str:
@@ -188,7 +180,7 @@ class SmoothUnrotatedInputs(GraphPass):
             raise GraphStructureError("the graph is already smoothed")
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
-        self.layers, self.global_kl = [], {}
+        self.layers = []
         if self.config.mode == "off":
             return PassResult(gm, False)
         if not self.calibration:
@@ -210,10 +202,6 @@ class SmoothUnrotatedInputs(GraphPass):
                                     for alpha, s in candidates[consumer].items()}
         if self._choice == "search":
             chosen = {c: min(e, key=e.get) for c, e in errors.items()}
-        elif self._choice == "global":
-            self.global_kl = self._global_kl(gm, pairs, candidates, dims)
-            best = min(self.global_kl, key=self.global_kl.get)
-            chosen = dict.fromkeys(candidates, best)
         else:
             chosen = dict.fromkeys(candidates, self.config.alpha)
         self._fold_all(gm, pairs, {c: candidates[c][chosen[c]] for c in candidates}, dims)
@@ -230,43 +218,6 @@ class SmoothUnrotatedInputs(GraphPass):
         first = next(iter(gm.graph.nodes))
         for producer, consumer, kind in pairs:
             self._fold(gm, first, _parameter_name(node_info(consumer).layer, kind), producer, consumer, factors[consumer], kind, dims)
-
-    def _global_kl(self, gm, pairs, candidates, dims) -> dict[float, float]:
-        """For each alpha of the grid, every layer smoothed with it and quantized by stage two (the
-        plan, no promotion) on the first `global_windows` calibration windows: the mean KL of the
-        quantized model's next-token distribution to the float model's on those windows."""
-        import copy
-
-        import torch.nn.functional as F
-
-        from quantnpu.graph.equivalence import logits_of
-        from quantnpu.passes.bake_rotations import BakeRotations, baked_copy
-        from quantnpu.passes.base import PassManager
-        from quantnpu.pipeline import fake_quant_passes
-
-        windows = self.calibration[: self.config.global_windows]
-        reference = baked_copy(gm)
-        with torch.no_grad():
-            targets = [F.log_softmax(logits_of(reference(w)).float(), -1) for w in windows]
-        del reference
-        found = {}
-        for alpha in tqdm(self.config.global_alphas, desc="smoothing alpha (calibration KL)", unit="alpha", disable=not self.progress):
-            trial = copy.deepcopy(gm)
-            by_name = {n.name: n for n in trial.graph.nodes}
-            trial_pairs = [(by_name[p.name], by_name[c.name], kind) for p, c, kind in pairs]
-            self._fold_all(trial, trial_pairs, {by_name[c.name]: candidates[c][alpha] for _, c, _ in pairs}, dims)
-            passes = [BakeRotations()] + fake_quant_passes(self.plan, windows, progress=False)
-            quantized = PassManager(passes, verify=False).run(trial)
-            total = 0.0
-            with torch.no_grad():
-                for window, target in zip(windows, targets):
-                    log_q = F.log_softmax(logits_of(quantized(window)).float(), -1)
-                    total += float(F.kl_div(log_q.reshape(-1, log_q.shape[-1]), target.reshape(-1, target.shape[-1]),
-                                            log_target=True, reduction="batchmean"))
-            found[alpha] = total / len(windows)
-            del trial, quantized
-            release_freed_memory()
-        return found
 
     # -- statistics ------------------------------------------------------------------------------
 
@@ -312,7 +263,7 @@ class SmoothUnrotatedInputs(GraphPass):
     # -- factors ---------------------------------------------------------------------------------
 
     def _candidates(self, x_max: torch.Tensor, w_max: torch.Tensor) -> dict[float, torch.Tensor]:
-        alphas = {"search": self.config.alphas, "global": self.config.global_alphas}.get(self._choice, (self.config.alpha,))
+        alphas = self.config.alphas if self._choice == "search" else (self.config.alpha,)
         live = (x_max > 0) & (w_max > 0)
         found = {}
         for alpha in alphas:
@@ -398,7 +349,8 @@ class SmoothUnrotatedInputs(GraphPass):
 
     def ensures(self, gm: torch.fx.GraphModule) -> None:
         for name, parameter in smoothing_parameters(gm):
-            assert torch.isfinite(parameter).all(), f"smoothing factors {name} are not finite"
+            if not torch.isfinite(parameter).all():
+                raise QuantNpuError(f"smoothing factors {name} are not finite")
 
     def report(self) -> str:
         """One line per smoothed linear: alpha, the range of its factors, how spiky its input was."""
