@@ -7,8 +7,11 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
+from quantnpu.diagnostics import warn
 from quantnpu.errors import GraphStructureError
-from quantnpu.graph.ops import CASTS, LAYER_NORM, RSQRT, compute_nodes, data_users, fetch_attr, insert_call, is_weight
+from quantnpu.graph.ops import (
+    CASTS, LAYER_NORM, RSQRT, compute_nodes, data_users, fetch_attr, insert_call, is_weight, tensor_meta,
+)
 
 aten = torch.ops.aten
 
@@ -80,22 +83,49 @@ def rms_norms(gm: torch.fx.GraphModule) -> list[RmsNorm]:
     return norms
 
 
+def _casts_between(norm: RmsNorm) -> list[torch.fx.Node]:
+    """The casts the weight multiply reads the normalized tensor through (none: it reads it directly)."""
+    operand = norm.output.args[1] if norm.output.args[0] is norm.weight else norm.output.args[0]
+    casts = []
+    while operand is not norm.normalized:
+        casts.append(operand)
+        operand = operand.args[0]
+    return casts
+
+
+def _is_identity_cast(node: torch.fx.Node) -> bool:
+    source, result = tensor_meta(node.args[0]), tensor_meta(node)
+    return source is not None and result is not None and source.dtype == result.dtype and source.device == result.device
+
+
 def recompose_rms_norms(gm: torch.fx.GraphModule) -> int:
     """Each RMSNorm becomes one `aten.rms_norm(x, [d], weight, eps)` (weight None once FoldNorms
     moved it into the next linears): QNN quantizes and runs it as one op, in its own internal
     precision. Op by op, x * x, its mean and rsqrt would be 16-bit tensors whose per-tensor scale
     is set by the largest token: SmolLM2-135M's first token reaches ~1600 in the residual stream
     (x * x ~2.5e6, a 16-bit step of ~76), so every other token's mean square rounded to zero and its
-    norm was wrong by up to 1.5x from layer 11 on. A weighted norm is recomposed only where the
-    weight multiply reads the normalized tensor directly. Returns how many were recomposed."""
+    norm was wrong by up to 1.5x from layer 11 on.
+
+    A weight multiply that reads the normalized tensor directly, or through casts that change
+    nothing (same dtype), is fused too. One that reads it through a real cast (a half-precision
+    model's `.to(input_dtype)` before `weight *`) cannot be: `rms_norm` would compute the weighted
+    product in the normalization's dtype, a different function. Then only the normalization becomes
+    `rms_norm(x, [d], None, eps)` and the cast and weight multiply stay separate ops, with a
+    `QuantNpuWarning` naming them (the cost: one more quantized tensor, the unit-RMS normalized
+    one, and one more op on the NPU; the mean square is never quantized on its own). So after this
+    no rsqrt of an RMSNorm is left. Returns how many norms were recomposed."""
     recomposed = 0
     for norm in rms_norms(gm):
+        casts = _casts_between(norm) if norm.weight is not None else []
         if norm.weight is None:
             replaced, weight = norm.normalized, None
-        elif norm.output.args[0] is norm.normalized or norm.output.args[1] is norm.normalized:
+        elif all(_is_identity_cast(c) for c in casts):
             replaced, weight = norm.output, norm.weight
         else:
-            continue
+            replaced, weight = norm.normalized, None
+            warn(f"RMSNorm %{norm.normalized.name}: its weight multiply %{norm.output.name} reads the normalized tensor through "
+                 f"the cast {', '.join('%' + c.name for c in casts)}, so only the normalization becomes one rms_norm op; the cast "
+                 f"and the weight multiply stay separate ops (one more quantized tensor and NPU op for this norm)", stacklevel=2)
         shape = [int(norm.input.meta["val"].shape[-1])]
         fused = insert_call(gm.graph, replaced, aten.rms_norm.default, norm.input, shape, weight, float(norm.eps))
         for key in ("quantnpu", "nn_module_stack", "stack_trace"):

@@ -7,7 +7,10 @@ is the graph that is quantized and lowered (one tensor, one encoding):
    scaled-dot-product attention becomes bmm / softmax (with the scale split over q and k), and so
    on; every RMSNorm, weightless ones included, becomes one `rms_norm` op (quantnpu's
    recomposition: ExecuTorch's miscompiles a norm whose weight was folded into the next linears),
-   so its x * x, mean and rsqrt are never quantized on their own (see `recompose_rms_norms`).
+   so its x * x, mean and rsqrt are never quantized on their own (see `recompose_rms_norms`; a
+   weight multiply that reads the norm through a real cast stays a separate op, with a warning).
+   The postcondition checks it: no rsqrt is left (`rms_norms` already rejects one that is not an
+   RMSNorm's).
 2. Identity ops are dropped (`Canonicalize`'s rule), should the transforms have made any: on the
    NPU each would be an op with its own requantization. A role on a dropped node moves to its input.
 3. Attention masks get a finite, small masking value (`ATTENTION_MASK_VALUE`) in place of -inf.
@@ -27,7 +30,7 @@ import torch.fx
 from quantnpu.passes.annotate_roles import AnnotateRoles
 from quantnpu.passes.base import GraphPass, PassResult, require
 from quantnpu.passes.canonicalize import drop_identity_ops, is_identity
-from quantnpu.graph.ops import SDPA, SOFTMAX
+from quantnpu.graph.ops import RSQRT, SDPA, SOFTMAX
 
 aten = torch.ops.aten
 ATTENTION_MASK_VALUE = -255.0
@@ -84,6 +87,14 @@ def bound_attention_masks(gm: torch.fx.GraphModule, mask_value: float = ATTENTIO
     return changed
 
 
+def check_norms_recomposed(gm: torch.fx.GraphModule) -> None:
+    """Every RMSNorm is one `rms_norm` op: an rsqrt left means a norm whose x * x, mean and rsqrt
+    would be quantized one by one (norms wrong by up to 1.5x on SmolLM2, see `recompose_rms_norms`)."""
+    for node in gm.graph.nodes:
+        require(node.target != RSQRT, "rsqrt left after PrepareForQnn: an RMSNorm was not made one rms_norm op, "
+                                      "so its x * x, mean and rsqrt would be quantized one by one", node)
+
+
 class PrepareForQnn(GraphPass):
     """See the module docstring."""
 
@@ -105,3 +116,4 @@ class PrepareForQnn(GraphPass):
             require(not is_identity(node), "identity op left after PrepareForQnn", node)
             for constant in _mask_constants(node):
                 require(not any(_is_masking(a) for a in constant.args), "unbounded attention mask value left after PrepareForQnn", constant)
+        check_norms_recomposed(gm)

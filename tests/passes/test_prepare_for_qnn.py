@@ -2,9 +2,13 @@
 score tensor can afford, and the float model computes the same function afterwards."""
 
 import copy
+import warnings
 
+import pytest
 import torch
 
+from quantnpu.diagnostics import QuantNpuWarning
+from quantnpu.errors import PassFailedError
 from quantnpu.passes.base import GraphPass, PassResult
 from quantnpu.passes import InsertStaticObservers, PlanBitWidths, PrepareForQnn, StaticCalibration
 from quantnpu.pipeline import float_passes
@@ -13,7 +17,7 @@ from quantnpu.graph.meta import node_info
 from quantnpu.graph.ops import SOFTMAX
 from quantnpu.passes.prepare_for_qnn import ATTENTION_MASK_VALUE, bound_attention_masks
 from quantnpu.quantizers.bit_plan import BitPlan
-from tests.graph_testing import assert_pass_diff, run_passes, tiny_graph
+from tests.graph_testing import annotated_graph, assert_pass_diff, run_passes, tiny_graph
 
 
 class ScalarMaskAttention(torch.nn.Module):
@@ -174,3 +178,55 @@ def test_every_rms_norm_becomes_one_rms_norm_op_with_or_without_a_weight():
     assert not any(n.target in (torch.ops.aten.rsqrt.default, torch.ops.aten.mean.dim) for n in rotated.graph.nodes)
     ids = torch.randint(0, 128, (1, 8))
     torch.testing.assert_close(rotated(ids)[0], gm(ids)[0], rtol=1e-4, atol=1e-4)
+
+
+def _first_norm_weight_read_through_a_float16_cast(gm: torch.fx.GraphModule):
+    """The first norm's weight multiply reads the normalized tensor through a real cast (float16),
+    as a half-precision model's `weight * x.to(input_dtype)` does."""
+    from quantnpu.graph.ops import insert_call
+    from quantnpu.graph.patterns import rms_norms
+
+    norm = rms_norms(gm)[0]
+    cast = insert_call(gm.graph, norm.output, torch.ops.aten._to_copy.default, norm.normalized, dtype=torch.float16)
+    norm.output.replace_input_with(norm.normalized, cast)
+    gm.recompile()
+    return gm, norm, cast
+
+
+def test_a_norm_weight_read_through_a_real_cast_stays_separate_with_a_warning_naming_it():
+    rms_norm = torch.ops.aten.rms_norm.default
+    gm = run_passes(tiny_graph("llama", layers=1, seq_len=8), float_passes("none"))   # norm weights kept
+    gm, norm, cast = _first_norm_weight_read_through_a_float16_cast(gm)
+    tokens = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(0))
+    expected = gm(tokens)
+    with pytest.warns(QuantNpuWarning, match=rf"^RMSNorm %{norm.normalized.name}: its weight multiply %{norm.output.name} reads the "
+                                             rf"normalized tensor through the cast %{cast.name}, so only the normalization becomes one "
+                                             r"rms_norm op; .*\(one more quantized tensor and NPU op for this norm\)$"):
+        prepared = run_passes(copy.deepcopy(gm), [PrepareForQnn()])   # verified: the same function
+    by_name = {n.name: n for n in prepared.graph.nodes}
+    fused = [n for n in prepared.graph.nodes if n.target == rms_norm]
+    assert len(fused) == 3 and sum(n.args[2] is None for n in fused) == 1   # the other two took their weights
+    weight_multiply = by_name[norm.output.name]
+    assert by_name[cast.name] in weight_multiply.args and by_name[cast.name].args[0].target == rms_norm
+    assert not any(n.target == torch.ops.aten.rsqrt.default for n in prepared.graph.nodes)
+    torch.testing.assert_close(prepared(tokens), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_norm_weight_read_through_identity_casts_is_fused_without_a_warning():
+    rms_norm = torch.ops.aten.rms_norm.default
+    gm = annotated_graph("llama")   # no Canonicalize: export's float32 -> float32 casts sit before each norm weight
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", QuantNpuWarning)
+        prepared = run_passes(gm, [PrepareForQnn()])
+    weights = [n.args[2] for n in prepared.graph.nodes if n.target == rms_norm]
+    assert len(weights) == 3 and all(w is not None and w.op == "get_attr" for w in weights)
+
+
+def test_a_norm_left_op_by_op_fails_the_postcondition_naming_its_rsqrt(monkeypatch):
+    import quantnpu.quantizers.quantnpu_quantizer as quantizer
+
+    monkeypatch.setattr(quantizer, "recompose_rms_norms", lambda gm: 0)
+    gm = run_passes(tiny_graph("llama", layers=1, seq_len=8), float_passes("none"))
+    with pytest.raises(PassFailedError, match=r"^pass PrepareForQnn failed: node %rsqrt\w*: rsqrt left after PrepareForQnn: "
+                                              r"an RMSNorm was not made one rms_norm op"):
+        run_passes(gm, [PrepareForQnn()])
