@@ -4,7 +4,8 @@
 graph) and compares its logits with the reference graph's: relative difference
 `max |logits - reference| / max |reference|`, computed in float64 when the graph can be cast to
 it (then what is left is the rounding of rewritten weights to their storage dtype), else in the
-graph's own dtype.
+graph's own dtype, with a `QuantNpuWarning` naming the op that failed in float64 and a tolerance
+for that dtype (`graph_dtype_tolerance`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import copy
 import torch
 import torch.fx
 
-from quantnpu.errors import GraphStructureError
+from quantnpu.diagnostics import warn
+from quantnpu.errors import GraphStructureError, QuantNpuError
 from quantnpu.graph.ops import EMBEDDING, EXPORT_ASSERTS, fetch_attr, tensor_meta
 
 aten = torch.ops.aten
@@ -24,6 +26,50 @@ def tolerance_for(gm: torch.fx.GraphModule) -> float:
     """1e-6 for a float64 model, 1e-4 when rewritten weights are rounded to float32 or narrower."""
     dtypes = {p.dtype for p in gm.parameters() if p.is_floating_point()}
     return 1e-6 if dtypes == {torch.float64} else 1e-4
+
+
+# The graph-dtype comparison's tolerance, in units of that dtype's epsilon. Both graphs then round
+# every op, and differently once rewritten: measured, the float passes (Canonicalize .. FuseRotations,
+# Hadamard R1/R2) move float32 logits by ~4 eps on the tiny test models and ~22 eps on SmolLM2-135M
+# (30 layers, 128 tokens; 2.7e-6, where the float64 comparison reads 3.0e-7). 2^10 eps leaves ~45x
+# headroom for deeper and wider models; for float32 it is 1.2e-4, the float64 check's 1e-4, so a
+# change the float64 check catches above ~1e-4 is still caught. In float16 (1.0) or bfloat16 (8.0)
+# it catches only gross changes, and the warning says so.
+GRAPH_DTYPE_TOLERANCE_EPS = 2 ** 10
+
+
+def graph_dtype_tolerance(dtype: torch.dtype) -> float:
+    """The tolerance of a comparison computed in `dtype` (see GRAPH_DTYPE_TOLERANCE_EPS)."""
+    return GRAPH_DTYPE_TOLERANCE_EPS * torch.finfo(dtype).eps
+
+
+def _coarsest_float_dtype(gm: torch.fx.GraphModule, logits: torch.Tensor) -> torch.dtype:
+    """The float dtype with the largest epsilon among the logits' and the parameters' and buffers'."""
+    dtypes = {t.dtype for t in (*gm.parameters(), *gm.buffers(), logits) if t.is_floating_point()}
+    return max(dtypes or {torch.float32}, key=lambda d: torch.finfo(d).eps)
+
+
+def _failing_op(gm: torch.fx.GraphModule, ids: torch.Tensor, error: BaseException) -> str:
+    """`%node (target): error`: the node of `gm` whose run raised (found by rerunning it node by node)."""
+    class Tracking(torch.fx.Interpreter):
+        node: torch.fx.Node | None = None
+
+        def run_node(self, n: torch.fx.Node):
+            self.node = n
+            return super().run_node(n)
+
+    tracker = Tracking(gm)
+    try:
+        with torch.no_grad():
+            tracker.run(ids)
+    except Exception:  # noqa: BLE001 - the point is where it stops
+        pass
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if tracker.node is None:
+        return f"{type(error).__name__}: {message}"
+    target = tracker.node.target
+    op = target if isinstance(target, (str, torch._ops.OpOverload)) else getattr(target, "__qualname__", target)
+    return f"%{tracker.node.name} ({op}): {type(error).__name__}: {message}"
 
 
 def sample_token_ids(gm: torch.fx.GraphModule, seed: int = 0) -> torch.Tensor:
@@ -68,24 +114,56 @@ def logits_of(output: object) -> torch.Tensor:
 
 
 class FunctionCheck:
-    """The reference logits of one graph on seeded ids, and the distance of another graph's."""
+    """The reference logits of one graph on seeded ids, and the distance of another graph's.
+
+    In float64 when the reference runs in float64 (`tolerance_for`); else in the graph's dtype, with
+    a `QuantNpuWarning` naming the op that prevented float64 and the tolerance used instead
+    (`graph_dtype_tolerance` of the coarsest float dtype in play). `precision` says which; an
+    explicit `tolerance` is used as given in either."""
 
     def __init__(self, reference: torch.fx.GraphModule, seed: int = 0, tolerance: float | None = None) -> None:
         self.ids = sample_token_ids(reference, seed)
-        self.tolerance = tolerance_for(reference) if tolerance is None else tolerance
         self.float64 = True
-        self.reference = self._run(reference)
+        self.precision = "float64"
+        self.float64_failure: str | None = None  # the op (and error) that made the check fall back
+        self.tolerance = tolerance_for(reference) if tolerance is None else tolerance
+        with torch.no_grad():
+            try:
+                self.reference = self._float64_logits(reference)
+            except (RuntimeError, TypeError):
+                self.float64 = False
+                logits = logits_of(reference(self.ids))
+                dtype = _coarsest_float_dtype(reference, logits)
+                self.precision = str(dtype).removeprefix("torch.")
+                self.reference = logits.double()
+                if tolerance is None:
+                    basis = f"2^10 x the {self.precision} epsilon, in place of the float64 check's {self.tolerance:g}"
+                    self.tolerance = graph_dtype_tolerance(dtype)
+                else:
+                    basis = "as given"
+                gross = ": it catches only gross changes" if self.tolerance >= 1e-2 else ""
+                warn(f"verifier: the graph cannot run in float64 (at {self.float64_failure}); comparing in {self.precision}, "
+                     f"the graph's dtype, with tolerance {self.tolerance:g} ({basis}){gross}", stacklevel=2)
+
+    def _float64_logits(self, gm: torch.fx.GraphModule) -> torch.Tensor:
+        """The logits of `gm` computed in float64; on failure `float64_failure` names the op."""
+        wide = None
+        try:
+            wide = as_float64(gm)
+            return logits_of(wide(self.ids)).double()
+        except (RuntimeError, TypeError) as error:
+            self.float64_failure = _failing_op(wide, self.ids, error) if wide is not None else f"{type(error).__name__}: {error}"
+            raise
 
     def _run(self, gm: torch.fx.GraphModule) -> torch.Tensor:
         with torch.no_grad():
-            if self.float64:
-                try:
-                    return logits_of(as_float64(gm)(self.ids)).double()
-                except (RuntimeError, TypeError):
-                    self.float64 = False  # an op without float64 support: compare in the graph's dtype
-                    if hasattr(self, "reference"):
-                        raise
-            return logits_of(gm(self.ids)).double()
+            if not self.float64:
+                return logits_of(gm(self.ids)).double()
+            try:
+                return self._float64_logits(gm)
+            except (RuntimeError, TypeError) as error:
+                raise QuantNpuError(f"verifier: the reference ran in float64 but this graph does not ({self.float64_failure}); "
+                                    "it cannot be compared (PassManager(verify=False) skips the check)") from error
 
     def difference(self, gm: torch.fx.GraphModule) -> float:
         logits = self._run(gm)
@@ -95,6 +173,6 @@ class FunctionCheck:
         return float((logits - self.reference).abs().max() / scale)
 
     def describe(self, difference: float) -> str:
-        return (f"logits differ from the input graph's by {difference:.3g} (relative, "
-                f"{'float64' if self.float64 else 'graph dtype'}, seeded random ids {tuple(self.ids.shape)}; "
-                f"tolerance {self.tolerance:g})")
+        precision = self.precision if self.float64 else f"{self.precision} (the graph's dtype: float64 failed at {self.float64_failure})"
+        return (f"logits differ from the input graph's by {difference:.3g} (relative, {precision}, "
+                f"seeded random ids {tuple(self.ids.shape)}; tolerance {self.tolerance:g})")

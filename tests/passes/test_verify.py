@@ -6,11 +6,12 @@ import copy
 import pytest
 import torch
 
-from quantnpu.errors import PassFailedError
+from quantnpu.diagnostics import QuantNpuWarning
+from quantnpu.errors import PassFailedError, QuantNpuError
 from quantnpu.passes import AnnotateRoles, FoldNorms, GraphPass, PassManager, PassResult
 from quantnpu.graph.meta import nodes_by_role
 from quantnpu.errors import FunctionChangedError
-from quantnpu.graph.equivalence import sample_token_ids
+from quantnpu.graph.equivalence import FunctionCheck, graph_dtype_tolerance, sample_token_ids
 from quantnpu.passes.verify import VerifyFunction
 from quantnpu.passes.weights import replace_weight, weight_tensor
 from quantnpu.pipeline import float_passes, pipeline
@@ -84,3 +85,51 @@ def test_each_verified_pass_records_its_difference():
     assert all(0 <= verified[name] < 1e-4 for name in ("Canonicalize", "FuseRotations", "BakeRotations", "PrepareForQnn"))
     assert verified["StaticCalibration"] is None and verified["ConvertToQdq"] is None
     assert "BakeRotations" in manager.report()
+
+
+def _float32_only(x):
+    """A planted op without a float64 kernel."""
+    if x.dtype == torch.float64:
+        raise RuntimeError("no float64 kernel for this op")
+    return x
+
+
+def _with_an_op_without_float64(gm):
+    embedding = next(n for n in gm.graph.nodes if n.target == torch.ops.aten.embedding.default)
+    with gm.graph.inserting_after(embedding):
+        planted = gm.graph.call_function(_float32_only, (embedding,))
+    embedding.replace_all_uses_with(planted, delete_user_cb=lambda user: user is not planted)
+    planted.meta["val"] = embedding.meta["val"]
+    gm.recompile()
+    return gm, planted
+
+
+def test_graph_dtype_tolerance_is_2_to_the_10_epsilons():
+    assert graph_dtype_tolerance(torch.float32) == 2 ** 10 * torch.finfo(torch.float32).eps   # 1.2e-4
+    assert graph_dtype_tolerance(torch.bfloat16) == 8.0
+
+
+def test_the_fallback_from_float64_warns_naming_the_op_and_the_tolerance_it_uses():
+    gm, planted = _with_an_op_without_float64(tiny_graph("llama", layers=2))
+    with pytest.warns(QuantNpuWarning, match=rf"^verifier: the graph cannot run in float64 \(at %{planted.name} \(_float32_only\): "
+                                             r"RuntimeError: no float64 kernel for this op\); comparing in float32, the graph's dtype, "
+                                             r"with tolerance 0\.00012207 \(2\^10 x the float32 epsilon, in place of the float64 "
+                                             r"check's 0\.0001\)$"):
+        check = FunctionCheck(gm)
+    assert check.precision == "float32" and check.tolerance == graph_dtype_tolerance(torch.float32)
+    rotated = PassManager(float_passes("hadamard"), verify=False).run(copy.deepcopy(gm))
+    assert check.difference(rotated) <= check.tolerance   # rounding differences of float32 pass
+    with pytest.warns(QuantNpuWarning), pytest.raises(
+            PassFailedError, match=rf"^pass PerturbOneWeight failed: it changed the function: logits differ from the input graph's by "
+                                   rf"[0-9.e+-]+ \(relative, float32 \(the graph's dtype: float64 failed at %{planted.name} "
+                                   r"\(_float32_only\): .*\), seeded random ids \(1, 8\); tolerance 0\.00012207\)$"):
+        PassManager(_with_planted(float_passes("hadamard"), PerturbOneWeight())).run(gm)
+
+
+def test_a_graph_that_stops_running_in_float64_after_the_reference_did_is_a_clear_error():
+    gm = tiny_graph("llama", layers=1)
+    check = FunctionCheck(gm)
+    changed, planted = _with_an_op_without_float64(copy.deepcopy(gm))
+    with pytest.raises(QuantNpuError, match=rf"the reference ran in float64 but this graph does not \(%{planted.name} "):
+        check.difference(changed)
+    assert check.float64 and check.precision == "float64"   # the check is unchanged
