@@ -26,9 +26,10 @@ import warnings
 import torch
 import torch.fx
 
+from quantnpu.diagnostics import QuantNpuWarning
 from quantnpu.errors import GraphStructureError
 from quantnpu.passes.annotate_roles import AnnotateRoles, DecoderDims
-from quantnpu.passes.base import GraphPass, PassResult
+from quantnpu.passes.base import GraphPass, PassResult, require
 from quantnpu.passes.fold_norms import FoldNorms, weighted_norms
 from quantnpu.passes.folded import R1_NAME, R2_PREFIX, is_rotation_target  # noqa: F401 (re-exported)
 from quantnpu.graph.meta import LAYER_LINEARS, node_info, nodes_by_role, update_node_info
@@ -114,7 +115,7 @@ class FuseRotations(GraphPass):
             embedding.args = (build.op(aten.matmul.default, embedding.args[0], r1),) + tuple(embedding.args[1:])
         else:
             self.skipped_r1 = f"%{obstruction[0].name} ({obstruction[1]})"
-            warnings.warn(f"R1 not applied, only R2: {self.skipped_r1}", stacklevel=2)
+            warnings.warn(f"R1 not applied, only R2: {self.skipped_r1}", QuantNpuWarning, stacklevel=2)
 
         for layer in range(dims.layers):
             r2 = None
@@ -171,4 +172,4 @@ class FuseRotations(GraphPass):
         for role in roles:
             node = by_role[role]
             weight = node.args[0] if role == "embedding" else node.args[1]
-            assert weight.op != "get_attr", f"{role} weight was not rotated"
+            require(weight.op != "get_attr", f"{role} weight was not rotated", node)

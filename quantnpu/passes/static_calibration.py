@@ -25,6 +25,7 @@ import torch
 import torch.fx
 from tqdm import tqdm
 
+from quantnpu.diagnostics import QuantNpuWarning
 from quantnpu.errors import GraphStructureError
 from quantnpu.memory import release_freed_memory
 from quantnpu.passes.base import GraphPass, PassResult, require
@@ -135,7 +136,7 @@ class StaticCalibration(GraphPass):
         if encoding.bits != bits:
             self.learned_ignored.append(where)
             warnings.warn(f"{where}: stage one learned a {encoding.bits}-bit encoding, the plan gives {bits} bits; "
-                          "the initialization rule is used", stacklevel=3)
+                          "the initialization rule is used", QuantNpuWarning, stacklevel=3)
             return None
         self.learned_used += 1
         return encoding

@@ -20,6 +20,7 @@ from functools import lru_cache
 
 import torch
 
+from quantnpu.diagnostics import QuantNpuWarning
 from quantnpu.errors import QuantNpuError
 
 
@@ -194,5 +195,5 @@ def rotation_matrix(order: int, kind: str = "hadamard", seed: int = 0, strict: b
         return random_hadamard(order, seed)
     if strict:
         raise NoHadamardConstruction(f"no Hadamard construction for order {order}")
-    warnings.warn(f"no Hadamard matrix of order {order} can be built here; using a random orthogonal matrix", stacklevel=2)
+    warnings.warn(f"no Hadamard matrix of order {order} can be built here; using a random orthogonal matrix", QuantNpuWarning, stacklevel=2)
     return random_orthogonal(order, seed)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from quantnpu.diagnostics import QuantNpuWarning
+
 RULE_TEXT = "Mean-based if the tensor is rotated and bits <= 4, Max-Min otherwise; unrotated tensors should have >= 8 bits"
 
 
@@ -48,7 +50,7 @@ def mean_based_scale(stats: TensorStats, bits: int) -> torch.Tensor:
 def choose_rule(rotated: bool, bits: int, where: str = "tensor") -> str:
     """'mean' or 'max_min' by the rule; warns (quoting it) for an unrotated tensor below 8 bits."""
     if not rotated and bits < 8:
-        warnings.warn(f"{where}: unrotated at {bits} bits goes against the rule ({RULE_TEXT})", stacklevel=2)
+        warnings.warn(f"{where}: unrotated at {bits} bits goes against the rule ({RULE_TEXT})", QuantNpuWarning, stacklevel=2)
     return "mean" if rotated and bits <= 4 else "max_min"
 
 
