@@ -64,8 +64,11 @@ class BakeRotations(GraphPass):
 
     def ensures(self, gm: torch.fx.GraphModule) -> None:
         left = [n for n in gm.graph.nodes if n.op == "get_attr" and is_folded_target(n.target)]
-        assert not left, f"rotation parameter {left[0].target} is still read by the graph"
-        assert not any(is_folded_target(n) for n, _ in gm.named_parameters()), "rotation parameters are still registered"
+        if left:
+            raise GraphStructureError(f"rotation parameter {left[0].target} is still read by the graph", left[0].name)
+        registered = [n for n, _ in gm.named_parameters() if is_folded_target(n)]
+        if registered:
+            raise GraphStructureError(f"rotation parameters are still registered: {', '.join(registered)}")
 
 
 def baked_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from quantnpu.passes.base import GraphPass, PassResult
+from quantnpu.passes.base import GraphPass, PassResult, require
 from quantnpu.graph.ops import CASTS, EXPORT_ASSERTS, insert_call, tensor_meta
 from quantnpu.graph.meta import node_info, set_node_info
 
@@ -140,4 +140,4 @@ class Canonicalize(GraphPass):
 
     def ensures(self, gm: torch.fx.GraphModule) -> None:
         for node in gm.graph.nodes:
-            assert not is_identity(node) and node.target not in EXPORT_ASSERTS, f"identity op %{node.name} left after Canonicalize"
+            require(not is_identity(node) and node.target not in EXPORT_ASSERTS, "identity op left after Canonicalize", node)

@@ -89,4 +89,5 @@ class FoldNorms(GraphPass):
 
     def ensures(self, gm: torch.fx.GraphModule) -> None:
         left = weighted_norms(gm)
-        assert not left, f"RMSNorm weight left on %{left[0].name}"
+        if left:
+            raise GraphStructureError("RMSNorm weight left after FoldNorms", left[0].name)

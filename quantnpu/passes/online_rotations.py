@@ -106,7 +106,9 @@ class RemoveOnlineRotations(GraphPass):
 
     def ensures(self, gm: torch.fx.GraphModule) -> None:
         r4, r3 = _online_rotations(gm)
-        assert not r4 and not r3, "an online rotation is left"
+        if r4 or r3:
+            rotation = r4[0][0] if r4 else r3[0][1]
+            raise GraphStructureError("an online rotation is left after RemoveOnlineRotations", rotation.name)
 
 
 ONLINE_BUFFERS = ("quantnpu_online_R3", "quantnpu_online_R4")

@@ -204,7 +204,8 @@ class RoundWeightsGptq(GraphPass):
         # are GPTQ's, and quantizing it again changes nothing.
         for target, encoding in self._written.items():
             weight = fetch_attr(gm, target)
-            assert torch.equal(encoding.fake_quantize(weight), weight), f"GPTQ-rounded {target} is off its encoding's grid"
+            if not torch.equal(encoding.fake_quantize(weight), weight):
+                raise QuantNpuError(f"GPTQ-rounded {target} is off its encoding's grid")
 
     def report(self) -> str:
         """One line per rounded weight: output error (relative, on the calibration inputs) with

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch.fx
 
 from quantnpu.passes.annotate_roles import AnnotateRoles
-from quantnpu.passes.base import GraphPass, PassResult
+from quantnpu.passes.base import GraphPass, PassResult, require
 from quantnpu.graph.meta import nodes_by_role
 from quantnpu.passes.weights import add_weight, same_storage, weight_tensor
 
@@ -38,4 +38,4 @@ class UntieEmbeddings(GraphPass):
         return PassResult(gm, True)
 
     def ensures(self, gm: torch.fx.GraphModule) -> None:
-        assert not embedding_is_tied(gm), "embedding still shares lm_head's weight"
+        require(not embedding_is_tied(gm), "embedding still shares lm_head's weight", nodes_by_role(gm)["embedding"])

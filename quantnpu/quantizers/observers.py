@@ -21,6 +21,7 @@ import weakref
 import torch
 from torchao.quantization.pt2e.observer import ObserverBase
 
+from quantnpu.errors import QuantNpuError
 from quantnpu.quantizers.encodings import Encoding
 from quantnpu.quantizers.init_rules import TensorStats
 
@@ -125,7 +126,8 @@ class EncodingObserver(ObserverBase):
 
     def storage_zero_point(self) -> int:
         """The zero point in this observer's storage: the encoding's plus 2^(b-1) when unsigned."""
-        assert self.encoding is not None
+        if self.encoding is None:
+            raise QuantNpuError("EncodingObserver has no encoding yet: run StaticCalibration (or attach encodings) first")
         shift = 0 if self.quant_min < 0 else 2 ** (self.encoding.bits - 1)
         return self.encoding.zero_point + shift
 
