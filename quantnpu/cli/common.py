@@ -21,20 +21,26 @@ EXIT_INTERRUPTED = 130
 
 
 class Stages:
-    """Prints `[stage] ... seconds` lines and keeps the timings (and peak memory) for the run record."""
+    """Prints `[stage] ... seconds` lines and keeps each stage's seconds and peak resident memory
+    (MiB, quantnpu.memory.peak_memory) for the run record."""
 
     def __init__(self, quiet: bool) -> None:
         self.quiet = quiet
         self.seconds: dict[str, float] = {}
+        self.peak_mib: dict[str, float] = {}
 
     def run(self, name: str, work: Callable):
+        from quantnpu.memory import peak_memory
+
         if not self.quiet:
             print(f"[{name}] ...", flush=True)
         start = time.perf_counter()
-        result = work()
+        with peak_memory() as peak:
+            result = work()
         self.seconds[name] = round(time.perf_counter() - start, 3)
+        self.peak_mib[name] = peak.mib
         if not self.quiet:
-            print(f"[{name}] done in {self.seconds[name]:.1f} s", flush=True)
+            print(f"[{name}] done in {self.seconds[name]:.1f} s, peak {peak.mib / 1024:.2f} GiB resident", flush=True)
         return result
 
 

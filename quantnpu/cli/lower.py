@@ -551,8 +551,8 @@ def lower(job: LowerJob) -> int:
         "rotate": job.recipe.rotate, "soc": job.soc, "seq_len": loaded.seq_len, "batch": loaded.batch,
         "calibration": {"text": job.calib_text or "brown calibration split", "windows": job.calib_windows},
         "qnn_sdk": str(sdk.root), "delegates": lowered.delegates, **extra,
-        "passes": [{"name": r.name, "seconds": round(r.seconds, 3), "function_difference": r.function_difference,
-                    "summary": r.summary} for r in manager.records],
+        "passes": [{"name": r.name, "seconds": round(r.seconds, 3), "peak_memory_mib": r.peak_memory_mib,
+                    "function_difference": r.function_difference, "summary": r.summary} for r in manager.records],
         "outside_delegates": lowered.outside_delegates, "pte_bytes": lowered.size_bytes,
     }
     results = None
@@ -566,6 +566,7 @@ def lower(job: LowerJob) -> int:
         record["agreement"] = {"ok": agreement.ok, "summary": agreement.summary(), "tolerance": agreement.tolerance,
                                "unobserved": len(agreement.unobserved), "tensors": [asdict(t) for t in agreement.tensors]}
     record["seconds"] = stages.seconds
+    record["stage_peak_memory_mib"] = stages.peak_mib
     from quantnpu.runtime_harness.records import write_record
 
     record_path = write_record(job.record, record)

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from quantnpu.errors import FunctionChangedError, GraphStructureError, InternalError, Interrupted, PassFailedError, QuantNpuError
 from quantnpu.graph.equivalence import FunctionCheck
+from quantnpu.memory import peak_memory
 
 __all__ = ["GraphPass", "PassManager", "PassRecord", "PassResult"]
 
@@ -51,6 +52,8 @@ class PassRecord:
     summary: str
     # the verifier's relative logit difference from the input graph after this pass (None: not checked)
     function_difference: float | None = None
+    # the largest resident size of the process while the pass (and its verification) ran, MiB
+    peak_memory_mib: float | None = None
 
 
 def _op_counts(gm: torch.fx.GraphModule) -> Counter:
@@ -137,28 +140,8 @@ class PassManager:
             bar.set_postfix_str(graph_pass.name)
             before = _op_counts(gm)
             start = time.perf_counter()
-            difference = None
-            try:
-                result = graph_pass(gm)
-                if isinstance(result, PassResult):
-                    gm = result.graph_module
-                    modified = result.modified
-                else:
-                    modified = True
-                gm.graph.lint()
-                gm.recompile()
-                if check is not None and not graph_pass.preserves_function:
-                    check = None  # the function changes on purpose from here on
-                if check is not None:
-                    difference = check.difference(gm)
-                    if not difference <= check.tolerance:
-                        raise FunctionChangedError(f"it changed the function: {check.describe(difference)}")
-            except (PassFailedError, InternalError, Interrupted):
-                raise
-            except QuantNpuError as error:  # the input: a graph or setting this pass cannot take
-                raise PassFailedError(graph_pass.name, error) from error
-            except Exception as error:  # noqa: BLE001 -- anything else is a bug in the pass: not the user's
-                raise InternalError(graph_pass.name, error) from error
+            with peak_memory() as peak:
+                gm, modified, check, difference = self._run_one(graph_pass, gm, check)
             after = _op_counts(gm)
             self.records.append(PassRecord(
                 name=graph_pass.name,
@@ -168,15 +151,43 @@ class PassManager:
                 nodes_after=sum(after.values()),
                 summary=_summarize(before, after),
                 function_difference=difference,
+                peak_memory_mib=peak.mib,
             ))
             if graph_pass.name == self.stop_after:
                 break
         return gm
 
+    @staticmethod
+    def _run_one(graph_pass: GraphPass, gm: torch.fx.GraphModule, check: FunctionCheck | None):
+        """One pass, lint, recompile and the verifier: (graph, modified, the check still on, its difference)."""
+        difference = None
+        try:
+            result = graph_pass(gm)
+            if isinstance(result, PassResult):
+                gm = result.graph_module
+                modified = result.modified
+            else:
+                modified = True
+            gm.graph.lint()
+            gm.recompile()
+            if check is not None and not graph_pass.preserves_function:
+                check = None  # the function changes on purpose from here on
+            if check is not None:
+                difference = check.difference(gm)
+                if not difference <= check.tolerance:
+                    raise FunctionChangedError(f"it changed the function: {check.describe(difference)}")
+        except (PassFailedError, InternalError, Interrupted):
+            raise
+        except QuantNpuError as error:  # the input: a graph or setting this pass cannot take
+            raise PassFailedError(graph_pass.name, error) from error
+        except Exception as error:  # noqa: BLE001 -- anything else is a bug in the pass: not the user's
+            raise InternalError(graph_pass.name, error) from error
+        return gm, modified, check, difference
+
     def report(self) -> str:
-        """One line per pass: time, node counts, verified logit difference (or -), op-count change."""
+        """One line per pass: time, peak resident memory, node counts, verified logit difference (or -), op-count change."""
         return "\n".join(
-            f"{r.name:<24} {r.seconds * 1000:8.1f} ms  {r.nodes_before:>5} -> {r.nodes_after:<5} nodes  "
+            f"{r.name:<24} {r.seconds * 1000:8.1f} ms {r.peak_memory_mib / 1024:6.2f} GiB  {r.nodes_before:>5} -> {r.nodes_after:<5} nodes  "
             f"{'-' if r.function_difference is None else f'{r.function_difference:.1e}':>8}  {r.summary}"
             for r in self.records
         )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import platform
-import resource
 from importlib import metadata
 from pathlib import Path
 
@@ -30,8 +29,11 @@ def package_versions() -> dict[str, str]:
 
 
 def peak_memory_mib() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident memory of this process so far, in MiB (quantnpu.memory keeps it across the
+    per-stage resets of the kernel's mark)."""
+    from quantnpu.memory import process_peak_mib
+
+    return process_peak_mib()
 
 
 def write_record(path: str | Path, record: dict) -> Path:
