@@ -46,7 +46,7 @@ from quantnpu.passes import LeadingTokenSplit, PassManager, SmoothingConfig, Smo
 from quantnpu.passes.assign_bit_widths import AssignBitWidths  # noqa: E402
 from quantnpu.passes.learn_encodings import LearnEncodings, StageOneConfig  # noqa: E402
 from quantnpu.passes.round_weights import RoundWeightsGptq  # noqa: E402
-from quantnpu.pipeline import fake_quant_end, find_pass, pipeline  # noqa: E402
+from quantnpu.pipeline import STATIC, fake_quant_end, find_pass, pipeline  # noqa: E402
 from quantnpu.quantizers.bit_plan import BitPlan  # noqa: E402
 from quantnpu.runtime_harness.perplexity import perplexity  # noqa: E402
 from quantnpu.runtime_harness.records import package_versions, peak_memory_mib  # noqa: E402
@@ -92,7 +92,7 @@ def passes_for(row: dict, calibration, stage_one: StageOneConfig) -> tuple[list,
     overrides = ("*.down_proj.input=16",) if row["promotion"] == "p100" else ()
     plan = BitPlan.parse(row["bits"], overrides)
     passes = pipeline(
-        plan, calibration, "hadamard", progress=True, promote_fraction=0.1 if row["promotion"] == "p10" else 0.0,
+        plan, calibration, STATIC, progress=True, promote_fraction=0.1 if row["promotion"] == "p10" else 0.0,
         stage_one=stage_one if row["stage_one"] else None,
         smoothing=SmoothingConfig(mode=row["mode"], alpha=row["alpha"], search_criterion=row.get("criterion", "producer")),
         weight_rounding="nearest" if row["rounding"] == "nearest" else "gptq", gptq_bits=8 if row["rounding"] == "gptq8" else 4,

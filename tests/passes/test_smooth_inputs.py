@@ -13,7 +13,7 @@ from quantnpu.graph.meta import node_info, nodes_by_role
 from quantnpu.models.tiny import FAMILIES
 from quantnpu.passes import BakeRotations, FoldNorms, FuseRotations, PassManager, SmoothingConfig, SmoothUnrotatedInputs, UntieEmbeddings
 from quantnpu.passes.smooth_inputs import smoothing_parameters
-from quantnpu.pipeline import fake_quant_end, pipeline
+from quantnpu.pipeline import STATIC, fake_quant_end, pipeline
 from tests.graph_testing import annotated_graph, as_float64, assert_pass_diff, relative_max, run_passes, tiny_graph
 
 
@@ -104,7 +104,7 @@ def test_smoothing_is_exact_in_float64_and_after_baking(kind, config, mode):
 
 
 def test_smoothing_without_rotations_is_folded_by_the_pipeline():
-    passes = pipeline("8-8-8", _calibration(), rotate="none", smoothing=SmoothingConfig())
+    passes = pipeline("8-8-8", _calibration(), STATIC, rotate="none", smoothing=SmoothingConfig())
     names = [p.name for p in passes]
     assert names.index("SmoothUnrotatedInputs") < names.index("BakeRotations") < names.index("PrepareForQnn")
     gm = tiny_graph("llama", layers=1)
@@ -119,7 +119,7 @@ def _plan(text):
 
 
 def _fake_quant_error(gm, smoothing: SmoothingConfig | None, calibration, windows) -> float:
-    passes = pipeline("8-8-8", calibration, smoothing=smoothing)
+    passes = pipeline("8-8-8", calibration, STATIC, smoothing=smoothing)
     fq = PassManager(passes, stop_after=fake_quant_end(passes)).run(copy.deepcopy(gm))
     errors = []
     for window in windows:
@@ -188,7 +188,7 @@ def test_learned_smoothing_moves_the_factors_in_stage_one_and_keeps_the_function
 
     calibration = _calibration(4, 16)
     gm = tiny_graph("llama", layers=2, seq_len=16)
-    passes = pipeline("4-8-8", calibration, smoothing=SmoothingConfig(mode="learn"),
+    passes = pipeline("4-8-8", calibration, STATIC, smoothing=SmoothingConfig(mode="learn"),
                       stage_one=StageOneConfig(steps=4, lr_smoothing=0.5))
     learner = next(p for p in passes if isinstance(p, LearnEncodings))
     assert learner.config.learn_smoothing
@@ -202,7 +202,7 @@ def test_learned_smoothing_moves_the_factors_in_stage_one_and_keeps_the_function
         name = f"quantnpu_S_{layer.role.split('.')[1]}_{'down' if layer.role.endswith('down_proj') else 'o'}"
         assert not torch.allclose(learned[name].exp(), layer.factors, rtol=1e-4), name
     with pytest.raises(QuantNpuError, match="learns the factors in stage one"):
-        pipeline("4-8-8", calibration, smoothing=SmoothingConfig(mode="learn"))
+        pipeline("4-8-8", calibration, STATIC, smoothing=SmoothingConfig(mode="learn"))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -218,7 +218,7 @@ def test_smoothing_and_gptq_through_the_whole_pipeline_on_every_family(family):
     gm = export_causal_lm(tiny_model(family), 16).module()
     vocab = logits_of(gm(torch.zeros(1, 16, dtype=torch.long))).shape[-1]
     calibration = [torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(i)) for i in range(3)]
-    passes = pipeline("4-8-8", calibration, smoothing=SmoothingConfig(mode="search"), weight_rounding="gptq")
+    passes = pipeline("4-8-8", calibration, STATIC, smoothing=SmoothingConfig(mode="search"), weight_rounding="gptq")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Gemma: R1 skipped for its sandwich norms (tested in test_families)
         PassManager(passes, stop_after=fake_quant_end(passes)).run(gm)

@@ -14,7 +14,7 @@ from quantnpu.errors import FunctionChangedError
 from quantnpu.graph.equivalence import FunctionCheck, graph_dtype_tolerance, sample_token_ids
 from quantnpu.passes.verify import VerifyFunction
 from quantnpu.passes.weights import replace_weight, weight_tensor
-from quantnpu.pipeline import float_passes, pipeline
+from quantnpu.pipeline import STATIC, float_passes, pipeline
 from tests.graph_testing import tiny_graph
 
 
@@ -66,7 +66,7 @@ def test_verify_function_as_an_explicit_pass():
 def test_verification_ends_where_quantization_begins():
     gm = tiny_graph("llama", layers=1)
     calibration = [sample_token_ids(gm, seed) for seed in range(2)]
-    quantized = PassManager(pipeline("8-8-8", calibration)).run(copy.deepcopy(gm))  # changes the function, on purpose
+    quantized = PassManager(pipeline("8-8-8", calibration, STATIC)).run(copy.deepcopy(gm))  # changes the function, on purpose
     assert any("quantize_per_tensor" in str(n.target) for n in quantized.graph.nodes)
 
 
@@ -79,7 +79,7 @@ def test_function_changed_error_is_a_quantnpu_error():
 def test_each_verified_pass_records_its_difference():
     gm = tiny_graph("llama", layers=1)
     calibration = [sample_token_ids(gm, seed) for seed in range(2)]
-    manager = PassManager(pipeline("8-8-8", calibration))
+    manager = PassManager(pipeline("8-8-8", calibration, STATIC))
     manager.run(gm)
     verified = {r.name: r.function_difference for r in manager.records}
     assert all(0 <= verified[name] < 1e-4 for name in ("Canonicalize", "FuseRotations", "BakeRotations", "PrepareForQnn"))
