@@ -3,7 +3,9 @@
 `FunctionCheck` runs a graph on seeded random token ids (shape and vocabulary read from the
 graph) and compares its logits with the reference graph's: relative difference
 `max |logits - reference| / max |reference|`, computed in float64 when the graph can be cast to
-it (then what is left is the rounding of rewritten weights to their storage dtype), else in the
+it (then what is left is the rounding of rewritten weights to their storage dtype; node by node,
+each weight read as float64 only while it is used, so the check costs the activations and one
+weight, not a float64 copy of the model), else in the
 graph's own dtype, with a `QuantNpuWarning` naming the op that failed in float64 and a tolerance
 for that dtype (`graph_dtype_tolerance`).
 """
@@ -49,27 +51,14 @@ def _coarsest_float_dtype(gm: torch.fx.GraphModule, logits: torch.Tensor) -> tor
     return max(dtypes or {torch.float32}, key=lambda d: torch.finfo(d).eps)
 
 
-def _failing_op(gm: torch.fx.GraphModule, ids: torch.Tensor, error: BaseException) -> str:
-    """`%node (target): error`: the node of `gm` whose run raised (found by rerunning it node by node)."""
-    class Tracking(torch.fx.Interpreter):
-        node: torch.fx.Node | None = None
-
-        def run_node(self, n: torch.fx.Node):
-            self.node = n
-            return super().run_node(n)
-
-    tracker = Tracking(gm)
-    try:
-        with torch.no_grad():
-            tracker.run(ids)
-    except Exception:  # noqa: BLE001 - the point is where it stops
-        pass
+def _describe_failure(node: torch.fx.Node | None, error: BaseException) -> str:
+    """`%node (target): error`: the node whose run raised, and the error's first line."""
     message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    if tracker.node is None:
+    if node is None:
         return f"{type(error).__name__}: {message}"
-    target = tracker.node.target
+    target = node.target
     op = target if isinstance(target, (str, torch._ops.OpOverload)) else getattr(target, "__qualname__", target)
-    return f"%{tracker.node.name} ({op}): {type(error).__name__}: {message}"
+    return f"%{node.name} ({op}): {type(error).__name__}: {message}"
 
 
 def sample_token_ids(gm: torch.fx.GraphModule, seed: int = 0) -> torch.Tensor:
@@ -103,6 +92,72 @@ def as_float64(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
             node.args = (node.args[0], node.args[1], torch.float64)
     gm.recompile()
     return gm
+
+
+def _float64_args(node: torch.fx.Node) -> tuple[tuple, dict]:
+    """`node`'s arguments with the float32 the model asks for (casts, softmax dtype) read as float64:
+    the same rewrite `as_float64` makes in its copy's graph."""
+    args, kwargs = tuple(node.args), dict(node.kwargs)
+    if node.target == aten.to.dtype and len(args) > 1 and args[1] == torch.float32:
+        args = (args[0], torch.float64) + args[2:]
+    elif node.target in (aten.to.dtype_layout, aten._to_copy.default) and kwargs.get("dtype") == torch.float32:
+        kwargs["dtype"] = torch.float64
+    elif node.target == aten.to.device and torch.float32 in args:
+        args = tuple(torch.float64 if a == torch.float32 else a for a in args)
+    elif node.target == aten.softmax.int and len(args) > 2 and args[2] == torch.float32:
+        args = (args[0], args[1], torch.float64)
+    return args, kwargs
+
+
+class Float64Interpreter(torch.fx.Interpreter):
+    """Runs a graph as `as_float64(gm)` would, without a float64 copy of the model: a floating
+    parameter or buffer is read as float64 by each node that uses it, at that moment (export puts
+    every get_attr at the top of the graph: fetched there, all of them would live at once), and the
+    interpreter drops every value after its last use, so memory is the activations and one weight at
+    a time, not twice the model. Export's assertions are skipped, as `as_float64` drops them."""
+
+    _DEFERRED = object()
+    failed_at: torch.fx.Node | None = None  # the node that raised, if one did
+
+
+    def _value(self, node: torch.fx.Node):
+        if node.op == "get_attr":
+            value = self.fetch_attr(node.target)
+            return value.double() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+        return self.env[node]
+
+    def run_node(self, node: torch.fx.Node):
+        try:
+            return self._run_node(node)
+        except Exception:
+            self.failed_at = node
+            raise
+
+    def _run_node(self, node: torch.fx.Node):
+        if node.op == "get_attr":
+            return self._DEFERRED
+        if node.op == "placeholder":
+            value = super().run_node(node)
+            return value.double() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+        if node.target in EXPORT_ASSERTS:
+            return None
+        args, kwargs = _float64_args(node) if node.op == "call_function" else (node.args, node.kwargs)
+        args = torch.fx.node.map_arg(args, self._value)
+        kwargs = torch.fx.node.map_arg(kwargs, self._value)
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        if node.op == "call_module":
+            # a submodule (rare after export) runs as a float64 copy of itself: small, and exact
+            return copy.deepcopy(self.fetch_attr(node.target)).double()(*args, **kwargs)
+        return args[0]  # output
+
+
+def run_in_float64(gm: torch.fx.GraphModule, *inputs: torch.Tensor) -> object:
+    """`as_float64(gm)(*inputs)`, computed node by node with one weight at a time in float64."""
+    with torch.no_grad():
+        return Float64Interpreter(gm).run(*inputs)
 
 
 def logits_of(output: object) -> torch.Tensor:
@@ -146,13 +201,13 @@ class FunctionCheck:
                      f"the graph's dtype, with tolerance {self.tolerance:g} ({basis}){gross}", stacklevel=2)
 
     def _float64_logits(self, gm: torch.fx.GraphModule) -> torch.Tensor:
-        """The logits of `gm` computed in float64; on failure `float64_failure` names the op."""
-        wide = None
+        """The logits of `gm` computed in float64 (`Float64Interpreter`: no float64 copy of the model);
+        on failure `float64_failure` names the op."""
+        interpreter = Float64Interpreter(gm)
         try:
-            wide = as_float64(gm)
-            return logits_of(wide(self.ids)).double()
+            return logits_of(interpreter.run(self.ids)).double()
         except (RuntimeError, TypeError) as error:
-            self.float64_failure = _failing_op(wide, self.ids, error) if wide is not None else f"{type(error).__name__}: {error}"
+            self.float64_failure = _describe_failure(interpreter.failed_at, error)
             raise
 
     def _run(self, gm: torch.fx.GraphModule) -> torch.Tensor:

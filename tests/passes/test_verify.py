@@ -133,3 +133,18 @@ def test_a_graph_that_stops_running_in_float64_after_the_reference_did_is_a_clea
     with pytest.raises(QuantNpuError, match=rf"the reference ran in float64 but this graph does not \(%{planted.name} "):
         check.difference(changed)
     assert check.float64 and check.precision == "float64"   # the check is unchanged
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "et-llama"])
+def test_the_float64_check_runs_without_a_float64_copy_and_gives_the_same_logits(family):
+    """`run_in_float64` (node by node, one weight at a time in float64) computes exactly what a
+    float64 copy of the model does, before and after the rotation passes."""
+    from quantnpu.graph.equivalence import as_float64, logits_of, run_in_float64
+    from quantnpu.models.export import export_causal_lm
+    from quantnpu.models.tiny import tiny_model
+
+    gm = export_causal_lm(tiny_model(family), 16).module()
+    rotated = PassManager(float_passes("hadamard"), stop_after="FuseRotations", verify=False).run(copy.deepcopy(gm))
+    for graph in (gm, rotated):
+        ids = sample_token_ids(graph, 3)
+        assert torch.equal(logits_of(run_in_float64(graph, ids)), logits_of(as_float64(graph)(ids)))
