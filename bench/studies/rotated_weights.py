@@ -14,7 +14,7 @@ Relative output error ||x Q(W)^T - x W^T|| / ||x W^T|| over calibration tokens, 
 30 layers; Q: symmetric per-output-channel scales by Max-Min or by the mean-based rule (what the static
 encodings of a rotated 4-bit weight start from, quantnpu.quantizers.init_rules). R1: a random Hadamard
 of the hidden size (quantnpu.quantizers.hadamard.random_hadamard, as FuseRotations draws it).
-Results: bench/results/rotated_weights.{json,md}.
+Results: bench/studies/results/rotated_weights.{json,md}.
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ import shlex
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 
@@ -71,7 +72,7 @@ def main() -> int:
     parser.add_argument("--calib-windows", type=int, default=4)
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0, help="R1's random signs")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "rotated_weights"))
+    parser.add_argument("--out", default=str(ROOT / "bench" / "studies" / "results" / "rotated_weights"))
     args = parser.parse_args()
 
     model, tokenizer = load_smollm2()
@@ -110,7 +111,7 @@ def main() -> int:
                for kind in kinds}
     suppressed_by_norm = {norm: [r["suppressed_channels"] for r in rows if r["role"].endswith(kind)]
                           for norm, kind in (("input_layernorm", "q_proj"), ("post_attention_layernorm", "gate_proj"))}
-    command = "python bench/rotated_weights.py " + shlex.join(sys.argv[1:])
+    command = "python bench/studies/rotated_weights.py " + shlex.join(sys.argv[1:])
     out = Path(args.out)
     atomic_write_text(out.with_suffix(".json"), json.dumps({"command": command, "setting": vars(args) | {"out": None}, "summary": summary,
                                                             "suppressed": suppressed_by_norm, "rows": rows}, indent=1) + "\n")

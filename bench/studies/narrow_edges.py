@@ -14,20 +14,18 @@ import shlex
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 import torch.fx  # noqa: E402
 
 from quantnpu.fileio import atomic_write_text  # noqa: E402
-from quantnpu.lowering import qnn_sdk  # noqa: E402
-from quantnpu.models.smollm2 import load_smollm2  # noqa: E402
 from quantnpu.graph.ops import quantize_kind  # noqa: E402
 from quantnpu.graph.meta import node_info  # noqa: E402
-from quantnpu.quantizers.bit_plan import BitPlan  # noqa: E402
 from quantnpu.runtime_harness.perplexity import perplexity  # noqa: E402
-from static import converted, fake_quant, pte_setting  # noqa: E402  (bench/ is the script's directory)
+from harness import STATIC_PTE_SETTING, Context, static_config  # noqa: E402  (bench/harness.py)
 
 
 GROUPS = {"all": None, "q/k/v": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "up": ("up_proj",), "down": ("down_proj",)}
@@ -57,22 +55,21 @@ def without_narrowing_linear_inputs(quantized: torch.fx.GraphModule, kinds: tupl
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bits", nargs="+", default=["8-8-8", "4-8-8"])
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "narrow_edges"))
+    parser.add_argument("--out", default=str(ROOT / "bench" / "studies" / "results" / "narrow_edges"))
     args = parser.parse_args()
-    qnn_sdk.activate(qnn_sdk.prepare_qnn_sdk())
-    model, tokenizer = load_smollm2()
-    gm, windows, calibration = pte_setting(model, tokenizer)
+    context = Context(STATIC_PTE_SETTING)
+    windows = context.windows
     rows = []
     for bits in args.bits:
-        plan = BitPlan.parse(bits)
-        quantized = converted(fake_quant(gm, plan, calibration)[0], plan, calibration)
+        config = static_config(bits)
+        quantized = context.converted(context.fake_quant(config)[0], config)
         qdq = perplexity(quantized, windows, f"Q/DQ {bits}").ppl
         for group, kinds in GROUPS.items():
             wide, edges = without_narrowing_linear_inputs(quantized, kinds)
             rows.append({"bits": bits, "linears": group, "qdq": qdq, "edges": edges,
                          "wide_linear_inputs": perplexity(wide, windows, f"16-bit {group} inputs {bits}").ppl})
             print(rows[-1], flush=True)
-    results = {"command": "python bench/narrow_edges.py " + shlex.join(sys.argv[1:]), "rows": rows}
+    results = {"command": "python bench/studies/narrow_edges.py " + shlex.join(sys.argv[1:]), "rows": rows}
     out = Path(args.out)
     atomic_write_text(out.with_suffix(".json"), json.dumps(results, indent=1) + "\n")
     lines = ["# The 16 -> 8-bit re-quantization of linear inputs: what it costs", "", f"Command: `{results['command']}`", "",

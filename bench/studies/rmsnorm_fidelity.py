@@ -15,9 +15,9 @@ op by op (the pipeline as it was then: `recompose_rms_norms` switched off for th
 op (as now); fake-quant, Q/DQ and `.pte` ppl over 4 x 128 tokens, and the agreement check on the
 layers around the first outsized residual, which names any tensor the device computes otherwise.
 
-    python bench/rmsnorm_fidelity.py            # -> bench/results/rmsnorm_fidelity.{json,md}
-    python bench/rmsnorm_fidelity.py --full-graph op_by_op
-    python bench/rmsnorm_fidelity.py --full-graph fused
+    python bench/studies/rmsnorm_fidelity.py            # -> bench/studies/results/rmsnorm_fidelity.{json,md}
+    python bench/studies/rmsnorm_fidelity.py --full-graph op_by_op
+    python bench/studies/rmsnorm_fidelity.py --full-graph fused
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 
@@ -138,13 +139,10 @@ def measure(x: torch.Tensor, eps: float, work: Path, label: str) -> dict:
 
 def full_graph(form: str, layers: set[int], eval_windows: int) -> dict:
     """The static rotated 8-8-8 pipeline with the weightless norms in `form` (see the docstring)."""
-    sys.path.insert(0, str(ROOT / "bench"))
     import quantnpu.quantizers.quantnpu_quantizer as quantizer
-    from static import converted, fake_quant, pte_setting  # bench/static.py's setting, not rebuilt here
+    from harness import STATIC_PTE_SETTING, Context, static_config  # bench/static.py's .pte setting, not rebuilt here
 
     from quantnpu.lowering.lower import lower_to_qnn
-    from quantnpu.models.smollm2 import load_smollm2
-    from quantnpu.quantizers.bit_plan import BitPlan
     from quantnpu.runtime_harness.agreement import check_agreement
     from quantnpu.runtime_harness.perplexity import perplexity
     from quantnpu.runtime_harness.pte import PteModel
@@ -154,12 +152,11 @@ def full_graph(form: str, layers: set[int], eval_windows: int) -> dict:
 
         quantizer.recompose_rms_norms = lambda gm: 0  # this process only: the norms stay x*x, mean, rsqrt, mul
         prepare_for_qnn.check_norms_recomposed = lambda gm: None  # and PrepareForQnn's postcondition lets them
-    model, tokenizer = load_smollm2()
-    graph, windows, calibration = pte_setting(model, tokenizer, 128, eval_windows, 32)
-    del model
-    plan = BitPlan.parse("8-8-8")
-    fq = fake_quant(graph, plan, calibration)[0]
-    quantized = converted(fq, plan, calibration)
+    context = Context(STATIC_PTE_SETTING.replace(eval_windows=eval_windows))
+    windows = context.windows
+    config = static_config("8-8-8")
+    fq = context.fake_quant(config)[0]
+    quantized = context.converted(fq, config)
     norms = sum(1 for n in quantized.graph.nodes if "rms_norm" in str(n.target))
     row = {"form": form, "rms_norm_ops": norms, "fake_quant": perplexity(fq, windows, "fake-quant").ppl,
            "qdq": perplexity(quantized, windows, "Q/DQ").ppl}
@@ -212,7 +209,7 @@ def main() -> int:
     parser.add_argument("--layers", type=int, nargs="+", default=[1, 12, 20, 27, 29],
                         help="the residual entering these decoder layers")
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "rmsnorm_fidelity"))
+    parser.add_argument("--out", default=str(ROOT / "bench" / "studies" / "results" / "rmsnorm_fidelity"))
     parser.add_argument("--full-graph", choices=("op_by_op", "fused"),
                         help="instead: the whole model with its weightless norms in this form (kept beside the isolated results)")
     parser.add_argument("--agreement-layers", type=int, nargs="+", default=[11, 12])
@@ -222,7 +219,7 @@ def main() -> int:
 
     qnn_sdk.activate(qnn_sdk.prepare_qnn_sdk())
     out = Path(args.out)
-    command = "python bench/rmsnorm_fidelity.py " + shlex.join(sys.argv[1:])
+    command = "python bench/studies/rmsnorm_fidelity.py " + shlex.join(sys.argv[1:])
     if args.full_graph:
         results = json.loads(out.with_suffix(".json").read_text())
         row = full_graph(args.full_graph, set(args.agreement_layers), args.eval_windows)

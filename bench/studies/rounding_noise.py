@@ -16,18 +16,16 @@ import shlex
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 
 from quantnpu.fileio import atomic_write_text  # noqa: E402
-from quantnpu.lowering import qnn_sdk  # noqa: E402
-from quantnpu.models.smollm2 import load_smollm2  # noqa: E402
-from quantnpu.quantizers.bit_plan import BitPlan  # noqa: E402
 from quantnpu.quantizers.observers import EncodingObserver  # noqa: E402
 from quantnpu.runtime_harness.perplexity import perplexity  # noqa: E402
-from static import fake_quant, pte_setting  # noqa: E402  (bench/ is the script's directory)
+from harness import STATIC_PTE_SETTING, Context, static_config  # noqa: E402  (bench/harness.py)
 
 
 def jitter_rounding(observers: list[EncodingObserver], amplitude: float, generator: torch.Generator) -> None:
@@ -46,12 +44,11 @@ def main() -> int:
     parser.add_argument("--bits", default="8-8-8")
     parser.add_argument("--amplitudes", type=float, nargs="+", default=[0.02, 0.08])
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "rounding_noise"))
+    parser.add_argument("--out", default=str(ROOT / "bench" / "studies" / "results" / "rounding_noise"))
     args = parser.parse_args()
-    qnn_sdk.activate(qnn_sdk.prepare_qnn_sdk())
-    model, tokenizer = load_smollm2()
-    gm, windows, calibration = pte_setting(model, tokenizer)
-    fq = fake_quant(gm, BitPlan.parse(args.bits), calibration)[0]
+    context = Context(STATIC_PTE_SETTING)
+    windows = context.windows
+    fq = context.fake_quant(static_config(args.bits))[0]
     eight_bit = [m for m in fq.modules() if isinstance(m, EncodingObserver) and m.encoding is not None
                  and not m.encoding.per_channel and m.encoding.bits == 8]
     base = perplexity(fq, windows, "fake-quant").ppl
@@ -62,7 +59,7 @@ def main() -> int:
             ppl = perplexity(fq, windows, f"jitter {amplitude} seed {seed}").ppl
             runs.append({"amplitude": amplitude, "seed": seed, "ppl": ppl, "relative": (ppl - base) / base})
             print(f"d={amplitude} seed={seed}: {ppl:.3f} ({100 * runs[-1]['relative']:+.1f}%)", flush=True)
-    results = {"command": "python bench/rounding_noise.py " + shlex.join(sys.argv[1:]), "bits": args.bits,
+    results = {"command": "python bench/studies/rounding_noise.py " + shlex.join(sys.argv[1:]), "bits": args.bits,
                "eight_bit_activations": len(eight_bit), "fake_quant_ppl": base, "runs": runs}
     out = Path(args.out)
     atomic_write_text(out.with_suffix(".json"), json.dumps(results, indent=1) + "\n")
