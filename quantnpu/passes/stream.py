@@ -1,0 +1,166 @@
+"""Running many windows through a decoder graph one layer at a time: memory bounded by a layer.
+
+Passes that push the calibration windows through the model (smoothing statistics, sensitivity,
+stage-one initialization, stage-two calibration, GPTQ's Hessians) need every intermediate value
+of every window once, in window order per tensor; they need neither the whole model's activations
+at once nor, while R1/R2 and the smoothing factors are still parameters, a baked copy of the
+model (which doubles the weights). `LayerStream` runs the graph stage by stage: a stage is one
+decoder layer (the embedding goes with layer 0, the final norm and lm_head with the last stage),
+every window runs through it before the next stage starts, and only the values that later stages
+read (the residual stream) are kept per window in between.
+
+Stages come from the roles AnnotateRoles put on the graph: a node with a layer's role is in that
+layer's stage, every other node as late as its readers allow (so a layer's input norm runs with the
+layer). Weight-side nodes (input-independent: parameters and what is computed from them alone, such
+as R1 W^T) are evaluated once per stage that reads them and dropped after it. With `baked=True` a
+weight expression that reads a rotation or smoothing parameter is evaluated as BakeRotations folds
+it (float64, cast to the parameter's dtype), so the values seen are exactly those of a baked copy of
+the graph, without the copy. Within a window every node runs with the same inputs as a plain
+forward, so every value is bit-identical to `gm(window)`'s (tested).
+
+A graph whose layers are not in sequence (a node of layer i reading a later layer's value) cannot be
+cut that way; it runs as one stage (the whole graph per window), which is still exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.fx
+from torch.fx.node import map_arg
+from tqdm import tqdm
+
+from quantnpu.graph.meta import node_info
+from quantnpu.graph.ops import ancestors, fetch_attr
+from quantnpu.memory import release_freed_memory
+from quantnpu.passes.fold_constants import evaluate_nodes, input_independent_nodes
+from quantnpu.passes.folded import is_folded_target
+from quantnpu.passes.weights import weight_tensor
+
+Visit = Callable[[torch.fx.Node, object], None]
+
+
+def baked_value(gm: torch.fx.GraphModule, expression: torch.fx.Node) -> torch.Tensor:
+    """The value BakeRotations writes for a weight expression that reads a rotation or smoothing
+    parameter: evaluated in float64 from the one plain parameter it reads, cast to that parameter's dtype."""
+    from quantnpu.errors import GraphStructureError
+
+    chain = set(ancestors(expression))
+    sources = [n for n in chain if n.op == "get_attr" and not is_folded_target(n.target)]
+    if len(sources) != 1:
+        raise GraphStructureError(f"rotated weight reads {len(sources)} parameters, expected 1", expression.name)
+    original = weight_tensor(gm, sources[0])
+    value = evaluate_nodes(gm, {n for n in chain if n.op == "call_function"}, compute_dtype=torch.float64)[expression]
+    if value.shape != original.shape:
+        raise GraphStructureError(f"rotated weight has shape {tuple(value.shape)}, its parameter {tuple(original.shape)}",
+                                  expression.name)
+    return value.to(original.dtype)
+
+
+def _reads_folded(expression: torch.fx.Node) -> bool:
+    return any(n.op == "get_attr" and is_folded_target(n.target) for n in ancestors(expression))
+
+
+class LayerStream:
+    """See the module docstring. `stage_names`: "layers.0" ... "layers.N-1" (the last one also holds
+    the final norm and lm_head), or ["graph"] when the graph cannot be cut by layer."""
+
+    def __init__(self, gm: torch.fx.GraphModule, baked: bool = False) -> None:
+        self.gm, self.baked = gm, baked
+        self.weight_side: set[torch.fx.Node] = input_independent_nodes(gm) | {n for n in gm.graph.nodes if n.op == "get_attr"}
+        self.stage_of = self._assign_stages()
+        count = max(self.stage_of.values(), default=0) + 1
+        self.stage_names = [f"layers.{i}" for i in range(count)] if count > 1 else ["graph"]
+        position = {node: i for i, node in enumerate(gm.graph.nodes)}
+        order = sorted(self.stage_of, key=lambda n: (self.stage_of[n], position[n]))
+        self.stages: list[list[torch.fx.Node]] = [[] for _ in range(count)]
+        for node in order:
+            self.stages[self.stage_of[node]].append(node)
+        # the last node (in execution order) that reads each value: after it runs, the value is dropped
+        step = {node: i for i, node in enumerate(order)}
+        self.last_reader: dict[torch.fx.Node, list[torch.fx.Node]] = {}
+        for node in order:
+            readers = [u for u in node.users if u in step]
+            if readers:
+                self.last_reader.setdefault(max(readers, key=step.get), []).append(node)
+
+    # -- planning ----------------------------------------------------------------------------
+
+    def _assign_stages(self) -> dict[torch.fx.Node, int]:
+        nodes = [n for n in self.gm.graph.nodes if n not in self.weight_side]
+        layers = [info.layer for n in nodes if (info := node_info(n)) is not None and info.layer is not None]
+        last = max(layers, default=0)
+        stage: dict[torch.fx.Node, int] = {}
+        for node in reversed(nodes):  # as late as the readers allow; a layer's own nodes in its stage
+            info = node_info(node)
+            readers = [stage[u] for u in node.users if u in stage]
+            if info is not None and info.layer is not None:
+                stage[node] = info.layer
+            else:
+                stage[node] = min(readers, default=last)
+        if any(stage[i] > stage[n] for n in nodes for i in n.all_input_nodes if i in stage):
+            return dict.fromkeys(nodes, 0)  # layers out of sequence: one stage, the whole graph
+        return stage
+
+    # -- running -------------------------------------------------------------------------------
+
+    def _weight(self, node: torch.fx.Node, cache: dict) -> object:
+        """A weight-side value, evaluated once per stage (and baked where asked)."""
+        if node in cache:
+            return cache[node]
+        if node.op == "get_attr":
+            value = fetch_attr(self.gm, node.target)
+        elif self.baked and _reads_folded(node):
+            value = baked_value(self.gm, node)
+        else:
+            args = map_arg(node.args, lambda n: self._weight(n, cache))
+            kwargs = map_arg(node.kwargs, lambda n: self._weight(n, cache))
+            value = node.target(*args, **kwargs)
+        cache[node] = value
+        return value
+
+    def _execute(self, node: torch.fx.Node, env: dict, cache: dict, inputs: list) -> object:
+        def value(n: torch.fx.Node):
+            return self._weight(n, cache) if n in self.weight_side else env[n]
+
+        if node.op == "placeholder":
+            return inputs.pop(0)
+        args, kwargs = map_arg(node.args, value), map_arg(node.kwargs, value)
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_module":
+            return self.gm.get_submodule(node.target)(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        return args[0]  # output: its argument, as the interpreter returns it
+
+    def run(self, windows: Sequence[torch.Tensor | tuple], visit: Visit | None = None, targets: set[torch.fx.Node] | None = None,
+            keep_outputs: bool = False, progress: str | None = None) -> list | None:
+        """Run every window (a tensor, or a tuple of the graph's inputs) through the graph, stage by
+        stage, under the caller's grad mode. `visit(node, value)` is called for each node of `targets`
+        (every node when None), per node in window order. With `keep_outputs`, the graph's output value
+        of each window (else nothing is kept: the logits of many windows are large)."""
+        envs: list[dict] = [{} for _ in windows]
+        pending = [list(w) if isinstance(w, (tuple, list)) else [w] for w in windows]  # placeholder values, in order
+        outputs: list = [None] * len(windows)
+        bar = tqdm(total=len(self.stages) * len(windows), desc=progress, unit="window", disable=progress is None, leave=False)
+        for nodes in self.stages:
+            cache: dict = {}
+            for index, env in enumerate(envs):
+                for node in nodes:
+                    result = self._execute(node, env, cache, pending[index])
+                    if node.op == "output":
+                        if keep_outputs:
+                            outputs[index] = result
+                    else:
+                        env[node] = result
+                        if visit is not None and (targets is None or node in targets):
+                            visit(node, result)
+                    for done in self.last_reader.get(node, ()):
+                        env.pop(done, None)
+                bar.update()
+            del cache
+            release_freed_memory()
+        bar.close()
+        return outputs if keep_outputs else None
