@@ -38,6 +38,13 @@ def _eager_logprob(model, tokens: list[int], start: int) -> float:
     return sum(float(logprobs[i - 1, tokens[i]]) for i in range(start, len(tokens)))
 
 
+def _eager_greedy(model, tokens: list[int], start: int) -> bool:
+    """Whether tokens[start:] are each the eager model's argmax after the tokens before them."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([tokens]), use_cache=False).logits[0]
+    return all(int(logits[i - 1].argmax()) == tokens[i] for i in range(start, len(tokens)))
+
+
 def test_loglikelihood_matches_the_eager_model_despite_padding(setting):
     model, graph, tokenizer = setting
     lm = QuantNpuLM(graph, tokenizer, SEQ, progress=False)
@@ -47,7 +54,15 @@ def test_loglikelihood_matches_the_eager_model_despite_padding(setting):
     assert len(context_tokens) + len(continuation_tokens) < SEQ  # padded on the right
     expected = _eager_logprob(model, context_tokens + continuation_tokens, len(context_tokens))
     assert score == pytest.approx(expected, abs=1e-4)
-    assert isinstance(greedy, bool)
+    # greedy: every continuation token is the eager model's argmax. " election" is not; the eager
+    # model's own next token after the context is
+    assert greedy is False and not _eager_greedy(model, context_tokens + continuation_tokens, len(context_tokens))
+    with torch.no_grad():
+        top = int(model(input_ids=torch.tensor([context_tokens]), use_cache=False).logits[0, -1].argmax())
+    choice = tokenizer.decode([top])
+    assert lm._encode_pair(context, choice)[1] == [top]
+    (_, greedy), = lm.loglikelihood([_Request(context, choice)])
+    assert greedy is True
 
 
 def test_long_context_is_cut_from_the_left(setting):
