@@ -1,28 +1,29 @@
 #!/usr/bin/env python3
 """What ships is what was measured: the `.pte` on the HTP simulator against the fake-quant graph.
 
-For each config (a row in bench/smoothing.py's notation; default: the shipped settings, stage one +
-10% + smoothing search + GPTQ + the leading-token split, at 8-8-8 and 4-8-8), on SmolLM2-135M at
-128 tokens: per evaluation window, the ppl of the float graph, the fake-quant graph, the converted
-Q/DQ graph, the `.pte` on the x86 HTP simulator, and of one hypothesis model (the Q/DQ graph without
-the 8-bit rounding of tensors that are only read re-quantized to 16 bits: what HTP would compute if
-its optimizer merged those Converts into their producer). The sign of each window's `.pte` - fake-quant
+For each row (bench/smoothing.py's notation; default: the shipped settings, stage one + 10% +
+smoothing search + GPTQ + the leading-token split, at 8-8-8 and 4-8-8), on SmolLM2-135M at 128
+tokens: per evaluation window, the ppl of the float graph, the fake-quant graph, the converted Q/DQ
+graph, the `.pte` on the x86 HTP simulator, and of one hypothesis model (the Q/DQ graph without the
+8-bit rounding of tensors that are only read re-quantized to 16 bits: what HTP would compute if its
+optimizer merged those Converts into their producer). The sign of each window's `.pte` - fake-quant
 difference separates noise (mixed signs) from bias (one sign). Then the agreement check on the
 first window: every quantized tensor of the `.pte` against its op recomputed in the Q/DQ graph from
 the device's own inputs (quantnpu.runtime_harness.agreement), per layer.
 
-Everything goes through `quantnpu.pipeline.pipeline` (via bench/smoothing.py's row builder).
-One row per process (`--merge` keeps the other rows of the results file).
+One row per process through bench/harness.py (bench/results/fidelity.{json,md}); the row's pipeline
+is bench/smoothing.py's (`quantnpu.pipeline` recipes). The agreement check is a part of the row:
+`--only agreement` measures it again for rows already in the file, `--skip agreement` leaves it out.
+The agreement carries its own commit and config; where they differ from the perplexities' the
+markdown says so.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import math
-import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,21 +33,19 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 
-from quantnpu.fileio import atomic_write_text  # noqa: E402
+from harness import Bench, Context, RowConfig, Setting, config_key, main, perplexity, short_commit  # noqa: E402
 from quantnpu.graph.ops import quantize_kind  # noqa: E402
-from quantnpu.lowering import qnn_sdk  # noqa: E402
-from quantnpu.lowering.lower import lower_to_qnn  # noqa: E402
-from quantnpu.memory import release_freed_memory  # noqa: E402
-from quantnpu.models.smollm2 import load_smollm2  # noqa: E402
-from quantnpu.passes.learn_encodings import StageOneConfig  # noqa: E402
 from quantnpu.runtime_harness.agreement import bits_of as _bits, check_agreement, is_move as _is_move  # noqa: E402
-from quantnpu.runtime_harness.perplexity import perplexity  # noqa: E402
-from quantnpu.runtime_harness.pte import PteModel  # noqa: E402
-from quantnpu.runtime_harness.records import package_versions, peak_memory_mib  # noqa: E402
-from smoothing import parse_row, run_row  # noqa: E402  (bench/ is the script's directory)
-from static import converted, float_graph, pte_setting  # noqa: E402
+from smoothing import parse_row, pipeline_facts, row_config  # noqa: E402  (bench/ is the script's directory)
 
 DEFAULT_ROWS = ["8-8-8:p10:search:gptq:stage1:lead", "4-8-8:p10:search:gptq:stage1:lead"]
+SETTING = Setting(seq_len=128, eval_windows=8, calib_windows=32, steps=32, soc="SM8650", agreement_layers=[0, 1, 11, 27, 28, 29])
+
+
+def fidelity_config(row: str, setting: Setting) -> RowConfig:
+    parse_row(row)  # the smoothing notation's rows only (no float, no pte: prefix: every row here is lowered)
+    return row_config(row, setting)
+
 
 def without_narrow_rounding_before_widening(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, int]:
     """Hypothesis 1's model: a copy of the Q/DQ graph in which each narrow tensor whose only reader
@@ -83,7 +82,7 @@ def without_narrow_rounding_before_widening(gm: torch.fx.GraphModule) -> tuple[t
 
 
 def window_ppls(forward, windows: torch.Tensor, label: str) -> list[float]:
-    return [perplexity(forward, windows[i:i + 1], f"{label} {i + 1}/{len(windows)}", progress=False).ppl for i in range(len(windows))]
+    return [perplexity(forward, windows[i:i + 1], f"{label} {i + 1}/{len(windows)}", progress=False) for i in range(len(windows))]
 
 
 def overall(ppls: list[float]) -> float:
@@ -95,7 +94,7 @@ def agreement_result(quantized, window: torch.Tensor, work: Path, name: str, lay
     """The agreement check on one window (see quantnpu.runtime_harness.agreement), summarized per bit
     width and per layer, with every tensor over the tolerance named."""
     start = time.perf_counter()
-    report = check_agreement(quantized, (window,), work / f"fidelity_{name}.taps.pte", layers=layers)
+    report = check_agreement(quantized, (window,), work / f"{name}.taps.pte", layers=layers)
     by_bits: dict = {}
     for t in report.tensors:
         entry = by_bits.setdefault(t.bits, {"tensors": 0, "local_max": 0, "local_mean": 0.0, "drift_max": 0})
@@ -110,49 +109,67 @@ def agreement_result(quantized, window: torch.Tensor, work: Path, name: str, lay
             "unobserved": len(report.unobserved), "by_bits": by_bits, "seconds": round(time.perf_counter() - start, 1)}
 
 
-def measure(row: dict, graph, windows, calibration, stage_one: StageOneConfig, work: Path, agreement: bool,
-            agreement_layers: set[int] | None, old: dict | None = None) -> dict:
-    fq, plan, facts = run_row(graph, row, calibration, stage_one)
-    quantized = converted(fq, plan, calibration)
-    name = row["row"].replace(":", "_")
-    if old is not None:  # --agreement-only: the row's ppl stay, its agreement check is redone
-        return {**old, "agreement": agreement_result(quantized, windows[:1], work, name, agreement_layers)}
-    hypothesis, widened = without_narrow_rounding_before_widening(quantized)
-    lowered = lower_to_qnn(quantized, (windows[:1],), work / f"fidelity_{name}.pte")
-    pte = PteModel(lowered.pte_path)
-    per_window = {
-        "float": window_ppls(float_graph(graph), windows, "float"),
-        "fake_quant": window_ppls(fq, windows, "fake-quant"),
-        "qdq": window_ppls(quantized, windows, "Q/DQ"),
-        "pte": window_ppls(pte, windows, ".pte"),
-        "hypothesis_no_narrow_rounding": window_ppls(hypothesis, windows, "hypothesis"),
-    }
-    del pte
-    lowered.pte_path.unlink(missing_ok=True)
-    result = {**row, **facts, "per_window": per_window, **{k: overall(v) for k, v in per_window.items()},
-              "widened_tensors": widened, "delegates": lowered.delegates, "outside_delegates": lowered.outside_delegates,
-              "mib": lowered.size_bytes / 2**20, "lower_seconds": round(lowered.seconds, 1)}
-    result["relative_gap"] = (result["pte"] - result["fake_quant"]) / result["fake_quant"]
-    if agreement:
-        result["agreement"] = agreement_result(quantized, windows[:1], work, name, agreement_layers)
+def measure(row: str, config: RowConfig, context: Context, part=None, skip=()) -> dict:
+    from quantnpu.lowering.lower import lower_to_qnn
+    from quantnpu.runtime_harness.pte import PteModel
+
+    s = context.setting
+    layers = set(s.agreement_layers) if s.agreement_layers else None
+    fq, passes, seconds = context.fake_quant(config)
+    quantized = context.converted(fq, config)
+    windows = context.windows
+    with tempfile.TemporaryDirectory() as work:
+        work = Path(work)
+        if part == "agreement":
+            return {"agreement": agreement_result(quantized, windows[:1], work, "row", layers)}
+        hypothesis, widened = without_narrow_rounding_before_widening(quantized)
+        lowered = lower_to_qnn(quantized, (windows[:1],), work / "row.pte", soc=s.soc)
+        pte = PteModel(lowered.pte_path)
+        per_window = {
+            "float": window_ppls(context.float_graph(), windows, "float"),
+            "fake_quant": window_ppls(fq, windows, "fake-quant"),
+            "qdq": window_ppls(quantized, windows, "Q/DQ"),
+            "pte": window_ppls(pte, windows, ".pte"),
+            "hypothesis_no_narrow_rounding": window_ppls(hypothesis, windows, "hypothesis"),
+        }
+        del pte
+        facts = pipeline_facts(passes, row)
+        facts.pop("smoothing_layers", None)
+        result = {"seconds": round(seconds, 1), **facts, "per_window": per_window, **{k: overall(v) for k, v in per_window.items()},
+                  "widened_tensors": widened, "delegates": lowered.delegates, "outside_delegates": lowered.outside_delegates,
+                  "mib": lowered.size_bytes / 2**20, "lower_seconds": round(lowered.seconds, 1)}
+        result["relative_gap"] = (result["pte"] - result["fake_quant"]) / result["fake_quant"]
+        if "agreement" not in skip:
+            result["agreement"] = agreement_result(quantized, windows[:1], work, "row", layers)
     return result
 
 
-def write(results: dict, out: Path) -> None:
-    atomic_write_text(out.with_suffix(".json"), json.dumps(results, indent=1) + "\n")
-    ev = results["eval"]
-    lines = ["# Fidelity: the `.pte` on the HTP simulator against the fake-quant graph (SmolLM2-135M-Instruct)", "",
-             "Commands (one row per process):", "", *[f"    {c}" for c in results["commands"]], "",
-             f"{ev['windows']} x {ev['seq_len']}-token windows of Brown's evaluation split, calibration {ev['calibration_windows']} x "
-             f"{ev['seq_len']}, SoC {ev['soc']}. Rows in bench/smoothing.py's notation (bits : promotion : smoothing : rounding "
-             "[: stage one] [: leading-token split]).", "",
-             "| row | float | fake-quant | Q/DQ graph | .pte | .pte vs fake-quant | windows .pte < / > fake-quant | hypothesis: no narrow rounding before a widening | delegates |",
-             "|---|---|---|---|---|---|---|---|---|"]
+def provenance(r: dict) -> str:
+    """'' when the row's agreement was measured with its perplexities; else what differs."""
+    a = r.get("agreement")
+    if not isinstance(a, dict) or "commit" not in a:
+        return ""
+    notes = []
+    if (a.get("commit"), a.get("dirty")) != (r.get("commit"), r.get("dirty")):
+        notes.append(f"the agreement check was measured at commit {short_commit(a)}, the perplexities above at {short_commit(r)}")
+    if a.get("config") is not None and r.get("config") is not None and config_key(a["config"]) != config_key(r["config"]):
+        notes.append("with another configuration of the row's pipeline (see the JSON's `config` of each)")
+    return ("**Not one measurement:** " + "; ".join(notes) + ".") if notes else ""
+
+
+def body(results: dict) -> list[str]:
+    s = results["setting"]
+    layers = s.get("agreement_layers") or "all"
+    lines = [f"{s['eval_windows']} x {s['seq_len']}-token windows of Brown's evaluation split, calibration {s['calib_windows']} x "
+             f"{s['seq_len']}, SoC {s['soc']}, stage one {s['steps']} steps. Rows in bench/smoothing.py's notation (bits : promotion : "
+             "smoothing : rounding [: stage one] [: leading-token split]).", "",
+             "| row | float | fake-quant | Q/DQ graph | .pte | .pte vs fake-quant | windows .pte < / > fake-quant | hypothesis: no narrow rounding before a widening | delegates | commit |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
         signs = [p - f for p, f in zip(r["per_window"]["pte"], r["per_window"]["fake_quant"])]
         lines.append(f"| {r['row']} | {r['float']:.3f} | {r['fake_quant']:.3f} | {r['qdq']:.3f} | {r['pte']:.3f} | "
-                     f"{100 * r['relative_gap']:+.2f}% | {sum(s < 0 for s in signs)} / {sum(s > 0 for s in signs)} | "
-                     f"{r['hypothesis_no_narrow_rounding']:.3f} ({r['widened_tensors']} tensors) | {r['delegates']} |")
+                     f"{100 * r['relative_gap']:+.2f}% | {sum(x < 0 for x in signs)} / {sum(x > 0 for x in signs)} | "
+                     f"{r['hypothesis_no_narrow_rounding']:.3f} ({r['widened_tensors']} tensors) | {r['delegates']} | {short_commit(r)} |")
     for r in results["rows"]:
         w = r["per_window"]
         lines += ["", f"## {r['row']}: per window", "",
@@ -163,71 +180,26 @@ def write(results: dict, out: Path) -> None:
                          f"{d:+.3f} ({100 * d / w['fake_quant'][i]:+.2f}%) | {'-' if d < 0 else '+'} | {w['hypothesis_no_narrow_rounding'][i]:.3f} |")
         if "agreement" in r:
             a = r["agreement"]
-            lines += ["", f"Agreement check on window 0, tensors of layers {a['layers']} and the model's own ({a['seconds']:.0f} s): {a['summary']}", "",
-                      "| bits | tensors | largest local difference (steps) | mean local difference (steps) | largest drift from the Q/DQ graph run alone (steps) |",
+            lines += ["", f"Agreement check on window 0, tensors of layers {a.get('layers', layers)} and the model's own ({a['seconds']:.0f} s; "
+                      f"commit {short_commit(a) if 'commit' in a else short_commit(r)}): {a['summary']}", ""]
+            note = provenance(r)
+            if note:
+                lines += [note, ""]
+            lines += ["| bits | tensors | largest local difference (steps) | mean local difference (steps) | largest drift from the Q/DQ graph run alone (steps) |",
                       "|---|---|---|---|---|"]
             for bits, e in sorted(a["by_bits"].items(), key=lambda kv: int(kv[0])):
                 lines.append(f"| {bits} | {e['tensors']} | {e['local_max']} | {e['local_mean']:.4f} | {e['drift_max']} |")
             lines += ["", "Per layer, the tensor with the largest local difference:", "", "```", a["per_layer"], "```"]
             if a.get("failures"):
                 lines += ["", "Every tensor over the tolerance:", "", "```", *a["failures"], "```"]
-    atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
+        else:
+            lines += ["", "No agreement check for this row (measured with `--skip agreement` or `--no-agreement`)."]
+    return lines
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", nargs="*", default=DEFAULT_ROWS, metavar="ROW")
-    parser.add_argument("--windows", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--calib-windows", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=32)
-    parser.add_argument("--no-agreement", action="store_true", help="skip the per-tensor agreement check")
-    parser.add_argument("--agreement-layers", type=int, nargs="*", default=[0, 1, 11, 27, 28, 29],
-                        help="decoder layers whose tensors the agreement check taps (none given: all)")
-    parser.add_argument("--merge", action="store_true", help="keep the other rows of the existing results file")
-    parser.add_argument("--agreement-only", action="store_true",
-                        help="redo only the agreement check of rows already in the results file (their ppl are kept)")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "fidelity"))
-    args = parser.parse_args()
-    try:
-        rows = [parse_row(r) for r in args.rows]
-    except ValueError as error:
-        parser.error(str(error))
-    out = Path(args.out)
-    command = "python bench/fidelity.py " + shlex.join(sys.argv[1:])
-    results = {"commands": [command], "eval": {"windows": args.windows, "seq_len": args.seq_len, "calibration_windows": args.calib_windows,
-                                              "soc": "SM8650"}, "rows": [], "versions": package_versions()}
-    previous: dict = {}
-    if (args.merge or args.agreement_only) and out.with_suffix(".json").is_file():
-        old = json.loads(out.with_suffix(".json").read_text())
-        if old["eval"] == results["eval"]:
-            previous = {r["row"]: r for r in old["rows"]}
-            results["rows"] = [r for r in old["rows"] if r["row"] not in {row["row"] for row in rows}]
-            results["commands"] = old["commands"] + [command]
-    if args.agreement_only and any(row["row"] not in previous for row in rows):
-        parser.error(f"--agreement-only: {out.with_suffix('.json')} has no such row with this setting")
-    if args.agreement_only and args.no_agreement:
-        parser.error("--agreement-only and --no-agreement exclude each other")
-    qnn_sdk.activate(qnn_sdk.prepare_qnn_sdk())
-    model, tokenizer = load_smollm2()
-    graph, windows, calibration = pte_setting(model, tokenizer, args.seq_len, args.windows, args.calib_windows)
-    stage_one = StageOneConfig(steps=args.steps)
-    for row in rows:
-        start = time.perf_counter()
-        measured = measure(row, graph, windows, calibration, stage_one, out.parent, not args.no_agreement,
-                           set(args.agreement_layers) if args.agreement_layers else None,
-                           previous[row["row"]] if args.agreement_only else None)
-        if not args.agreement_only:
-            measured["total_seconds"] = round(time.perf_counter() - start, 1)
-            measured["peak_rss_mib"] = peak_memory_mib()
-        results["rows"].append(measured)
-        order = list(previous)  # a rerun row keeps its place
-        results["rows"].sort(key=lambda r: order.index(r["row"]) if r["row"] in order else len(order))
-        print(f"{row['row']}: fake-quant {measured['fake_quant']:.3f} .pte {measured['pte']:.3f} ({100 * measured['relative_gap']:+.2f}%)", flush=True)
-        write(results, out)
-        release_freed_memory()
-    return 0
-
+BENCH = Bench(name="fidelity", script=__file__, title="Fidelity: the `.pte` on the HTP simulator against the fake-quant graph "
+              "(SmolLM2-135M-Instruct)", setting=SETTING, default_rows=DEFAULT_ROWS, config=fidelity_config, measure=measure,
+              body=body, parts=("agreement",), description=__doc__.splitlines()[0])
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(BENCH))

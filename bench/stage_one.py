@@ -2,22 +2,20 @@
 """Stage one and mixed precision on SmolLM2-135M-Instruct, Brown corpus (the paper's Table 1/2 rows
 for this model).
 
-For each W-A-KV config, fake-quant perplexity of the rotated (random Hadamard) model with:
-static encodings only; + mixed precision (10% of down_proj inputs at 16 bits by sensitivity);
-+ stage one (LSQ scales + Cayley-SGD R1/R2, selective); + stage one and 10%; and every down_proj
-input at 16 bits (static). Stage-one rows also record seconds per step against one float
-forward+backward of the same window in the same run, the loss curve and orthogonality. Then the
-8-8-8 and 4-8-8 stage one + 10% settings lowered to QNN HTP and run on the x86 simulator at a shorter length.
-Everything goes through `quantnpu.pipeline.pipeline`. Results are written after every row
-(atomically) to bench/results/stage_one.{json,md}.
+Rows `BITS:ROW`, the STATIC recipe with: `static` (static encodings only); `mixed10` (+ 10% of
+down_proj inputs at 16 bits by sensitivity); `stage1` (+ stage one: LSQ scales + Cayley-SGD R1/R2,
+selective; rotation lr 0.1 with 8-bit weights, 2.0 with 4-bit ones); `stage1+mixed10`;
+`stage1+mixed10+gptq` (and GPTQ rounding of the 4-bit weights); `down16` (every down_proj input at
+16 bits, static). `float`: the rotated float graph. Stage-one rows also record seconds per step
+against one float forward+backward of the same window in the same process, the loss curve and
+orthogonality. `pte:BITS:ROW`: that row's pipeline at `--pte-seq-len` tokens lowered to QNN HTP and
+run on the x86 simulator. One row per process through bench/harness.py
+(bench/results/stage_one.{json,md}).
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -26,21 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-import torch  # noqa: E402
-
-from quantnpu.fileio import atomic_write_text  # noqa: E402
-from quantnpu.lowering import qnn_sdk  # noqa: E402
-from quantnpu.memory import release_freed_memory  # noqa: E402
-from quantnpu.models.corpus import split_tokens, token_windows  # noqa: E402
-from quantnpu.models.export import export_causal_lm  # noqa: E402
-from quantnpu.models.smollm2 import load_smollm2  # noqa: E402
-from quantnpu.passes import PassManager, StaticCalibration  # noqa: E402
-from quantnpu.passes.learn_encodings import LearnEncodings, StageOneConfig  # noqa: E402
-from quantnpu.pipeline import STATIC, fake_quant_end, find_pass, pipeline  # noqa: E402
-from quantnpu.quantizers.bit_plan import BitPlan  # noqa: E402
-from quantnpu.runtime_harness.perplexity import perplexity  # noqa: E402
-from quantnpu.runtime_harness.records import package_versions, peak_memory_mib  # noqa: E402
-from static import converted, float_graph, pte_measurement, pte_setting  # noqa: E402  (bench/ is the script's directory)
+from harness import Bench, Context, RowConfig, Setting, main, perplexity, pte_measurement, rotation_lr  # noqa: E402
 
 # name -> (fraction of down_proj inputs promoted by sensitivity, stage one?, overrides, weight rounding)
 ROWS = {
@@ -55,9 +39,38 @@ ROW_TITLES = {"static": "static only", "mixed10": "+ mixed precision 10%", "stag
               "stage1+mixed10": "+ stage one and 10%", "stage1+mixed10+gptq": "+ stage one and 10%, GPTQ-rounded 4-bit weights",
               "down16": "100% down_proj inputs at 16 bits (static)"}
 CONFIGS = ("8-8-8", "4-8-8", "4-4-8")
-DEFAULT_RUNS = ([f"{bits}:{row}" for bits in CONFIGS for row in ("static", "mixed10", "down16", "stage1", "stage1+mixed10")]
-                + ["4-8-8:stage1+mixed10+gptq", "4-4-8:stage1+mixed10+gptq", "8-8-8:pte", "4-8-8:pte"])
+FLOAT_ROW = "float"
+PTE = "pte:"
+DEFAULT_ROWS = ([FLOAT_ROW] + [f"{bits}:{row}" for bits in CONFIGS for row in ("static", "mixed10", "down16", "stage1", "stage1+mixed10")]
+                + ["4-8-8:stage1+mixed10+gptq", "4-4-8:stage1+mixed10+gptq", f"{PTE}8-8-8:stage1+mixed10", f"{PTE}4-8-8:stage1+mixed10"])
 TARGETS = {"8-8-8": 1.45, "4-8-8": 2.2, "4-4-8": 3.0}  # the issue's, for stage one + 10%, x float
+SETTING = Setting(seq_len=512, eval_windows=16, calib_windows=8, steps=32, pte_seq_len=128, pte_windows=4)
+
+
+def split_row(row: str) -> tuple[str, str]:
+    from quantnpu.errors import QuantNpuError
+    from quantnpu.quantizers.bit_plan import BitPlan
+
+    bits, _, name = row.removeprefix(PTE).partition(":")
+    if name not in ROWS:
+        raise ValueError(f"row {row!r}: write BITS:ROW with ROW one of {', '.join(ROWS)}, or {FLOAT_ROW}, or {PTE}BITS:ROW")
+    try:
+        BitPlan.parse(bits)
+    except QuantNpuError as error:
+        raise ValueError(f"row {row!r}: {error}") from None
+    return bits, name
+
+
+def row_config(row: str, setting: Setting) -> RowConfig:
+    from quantnpu.passes.learn_encodings import StageOneConfig
+    from quantnpu.pipeline import STATIC
+
+    if row == FLOAT_ROW:
+        return RowConfig(None, recipe=STATIC)
+    bits, name = split_row(row)
+    promote, learn, overrides, rounding = ROWS[name]
+    stage_one = StageOneConfig(steps=setting.steps, lr_rotation=rotation_lr(bits)) if learn else None
+    return RowConfig(bits, overrides, STATIC.replace(promote_fraction=promote, stage_one=stage_one, weight_rounding=rounding))
 
 
 def plain_step_seconds(graph, window) -> float:
@@ -66,6 +79,7 @@ def plain_step_seconds(graph, window) -> float:
     import torch.nn.functional as F
 
     from quantnpu.graph.equivalence import logits_of
+    from quantnpu.memory import release_freed_memory
 
     model = copy.deepcopy(graph)
     for p in model.parameters():
@@ -82,176 +96,92 @@ def plain_step_seconds(graph, window) -> float:
     return min(times)
 
 
-def run_row(graph, bits: str, row: str, calibration, stage_one: StageOneConfig):
-    """The pipeline up to StaticCalibration on a copy of `graph`: (fake-quant graph, facts)."""
-    promote, learn, overrides, rounding = ROWS[row]
-    plan = BitPlan.parse(bits, overrides)
-    passes = pipeline(plan, calibration, STATIC, progress=True, promote_fraction=promote,
-                      stage_one=stage_one if learn else None, weight_rounding=rounding)
+def run_row(config: RowConfig, context: Context, graph=None, calibration=None):
+    """The row's pipeline to its fake-quant graph: (fake-quant graph, facts)."""
+    from quantnpu.passes import PassManager, StaticCalibration
+    from quantnpu.passes.learn_encodings import LearnEncodings
+    from quantnpu.pipeline import fake_quant_end, find_pass
+
+    graph = context.graph if graph is None else graph
+    calibration = context.calibration if calibration is None else calibration
+    passes = config.passes(calibration)
     learner = find_pass(passes, LearnEncodings)
     if learner is not None:
         learner.measure_float_step = True
     start = time.perf_counter()
     fq = PassManager(passes, stop_after=fake_quant_end(passes), progress=True).run(copy.deepcopy(graph))
-    facts = {"seconds": round(time.perf_counter() - start, 1), "weight_rounding": rounding,
+    facts = {"seconds": round(time.perf_counter() - start, 1), "weight_rounding": config.recipe.weight_rounding,
              "learned_encodings_kept": find_pass(passes, StaticCalibration).learned_used}
     if learner is not None:
         summary = learner.summary()
         plain = plain_step_seconds(graph, calibration[0])
+        stage_one = config.recipe.stage_one
         facts["stage_one"] = {
             **summary, "plain_float_forward_backward_seconds": round(plain, 3), "step_ratio": round(summary["seconds_per_step"] / plain, 3),
             # the same fused graph with its quantizers off: R1/R2 recomputed into every weight each forward
             "float_forward_backward_with_rotations_seconds": round(learner.float_step_seconds, 3),
             "quantizers": len(learner.sites), "lr_rotation": stage_one.lr_rotation, "lr_scale": stage_one.lr_scale,
         }
-    return fq, plan, passes, facts
+    return fq, facts
 
 
-def row_key(row: dict) -> tuple:
-    """Rows are kept per (config, row, rotation lr): a rerun replaces its own row only."""
-    return row["bits"], row["row"], (row.get("stage_one") or {}).get("lr_rotation")
+def measure(row: str, config: RowConfig, context: Context, part=None, skip=()) -> dict:
+    if row == FLOAT_ROW:
+        return {"ppl": perplexity(context.float_graph(), context.windows, "float (rotated)")}
+    if row.startswith(PTE):
+        graph, windows, calibration = context.pte_graph, context.pte_windows, context.pte_calibration
+        float_ppl = perplexity(context.float_graph(graph), windows, "float")
+        fq, facts = run_row(config, context, graph, calibration)
+        quantized = context.converted(fq, config, calibration)
+        return {"float": float_ppl, **facts, **pte_measurement(fq, quantized, windows, row)}
+    fq, facts = run_row(config, context)
+    return {"ppl": perplexity(fq, context.windows, f"fake-quant {row}"), **facts}
 
 
-def merged(previous: dict | None, results: dict) -> dict:
-    """`results` with the rows of an earlier invocation in the same setting that it did not rerun
-    (`--merge`: one row per process keeps memory bounded)."""
-    if previous is None or (previous["eval"], previous["calibration"]) != (results["eval"], results["calibration"]):
-        return results
-    mine = {row_key(r) for r in results["rows"]}
-    mine_pte = {(r["bits"], r["row"]) for r in results["pte"]}
-    out = dict(results)
-    out["rows"] = [r for r in previous["rows"] if row_key(r) not in mine] + results["rows"]
-    out["pte"] = [r for r in previous.get("pte", []) if (r["bits"], r["row"]) not in mine_pte] + results["pte"]
-    if results.get("pte_eval") is None and previous.get("pte_eval"):
-        out["pte_eval"] = previous["pte_eval"]
-    out["commands"] = previous.get("commands", [previous["command"]]) + [results["command"]]
-    return out
-
-
-def write(results: dict, out: Path) -> None:
-    atomic_write_text(out.with_suffix(".json"), json.dumps(results, indent=1) + "\n")
-    float_ppl = results["float"]
-    s1 = results["stage_one_config"]
+def body(results: dict) -> list[str]:
+    s = results["setting"]
+    by_row = {r["row"]: r for r in results["rows"]}
+    float_ppl = by_row[FLOAT_ROW]["ppl"] if FLOAT_ROW in by_row else float("nan")
     lines = [
-        "# Stage one and mixed precision: SmolLM2-135M-Instruct, Brown evaluation split", "",
-        "Commands (each row in its own process; rows of a rerun replace their own):", "",
-        *[f"    {c}" for c in results.get("commands", [results["command"]])], "",
-        f"Fake-quant ppl, {results['eval']['windows']} x {results['eval']['seq_len']}-token windows; calibration (stage one's "
-        f"training windows too) {results['calibration']['windows']} x {results['calibration']['seq_len']}. Rotated (random "
-        f"Hadamard R1/R2) in every row. Float ppl {float_ppl:.3f}.", "",
-        f"Stage one: {s1['optimize']}, {s1['steps']} steps of {s1['batch']} window, lr {s1['lr_scale']} scales (relative to "
-        f"each scale's size), rotations (Cayley SGD) at each row's lr, cosine decay, local loss for the first "
-        f"{s1['local_steps'] if s1['local_steps'] is not None else s1['steps'] // 4} steps, init {s1['init']}, {s1['loss']} loss.", "",
+        f"Fake-quant ppl, {s['eval_windows']} x {s['seq_len']}-token windows; calibration (stage one's training windows too) "
+        f"{s['calib_windows']} x {s['seq_len']}. Rotated (random Hadamard R1/R2) in every row. Float ppl {float_ppl:.3f} (row `{FLOAT_ROW}`).", "",
+        f"Stage one: selective, {s['steps']} steps of 1 window, lr 0.01 scales (relative to each scale's size), rotations (Cayley "
+        "SGD) at the lr in the table (0.1 with 8-bit weights, 2.0 with 4-bit ones), cosine decay, local loss for the first quarter "
+        "of the steps, init rule, ce loss (each row's config has the rest).", "",
         "Stage one s/step against a plain float forward+backward of the exported model on one window (all weights "
-        "learnable), measured in the same run; in brackets the same fused graph with its quantizers off (R1/R2 recomputed "
+        "learnable), measured in the same process; in brackets the same fused graph with its quantizers off (R1/R2 recomputed "
         "into every weight each forward, the part of a step that learning rotations adds).", "",
         "| W-A-KV | row | rotation lr | fake-quant ppl | x float | target (stage one + 10%) | stage one s/step | plain float fwd+bwd s | ratio | pipeline s |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = list(ROWS)
-    for row in sorted(results["rows"], key=lambda r: (CONFIGS.index(r["bits"]), order.index(r["row"]), row_key(r))):
-        s = row.get("stage_one")
-        target = f"<= {TARGETS[row['bits']]}x ({TARGETS[row['bits']] * float_ppl:.1f})" if row["row"] == "stage1+mixed10" else ""
-        met = "" if not target else (" met" if row["ppl"] <= TARGETS[row["bits"]] * float_ppl else " **missed**")
-        lr = f"{s['lr_rotation']:g}" if s else ""
-        lines.append(f"| {row['bits']} | {ROW_TITLES[row['row']]} | {lr} | {row['ppl']:.3f} | {row['ppl'] / float_ppl:.2f} | {target}{met} | "
-                     + (f"{s['seconds_per_step']:.2f} | {s['plain_float_forward_backward_seconds']:.2f} "
-                        f"({s['float_forward_backward_with_rotations_seconds']:.2f}) | {s['step_ratio']:.2f}" if s else "- | - | -")
+    rows = [(split_row(r["row"]), r) for r in results["rows"] if r["row"] != FLOAT_ROW and not r["row"].startswith(PTE)]
+    for (bits, name), row in sorted(rows, key=lambda br: (CONFIGS.index(br[0][0]) if br[0][0] in CONFIGS else 9, order.index(br[0][1]))):
+        st = row.get("stage_one")
+        target = f"<= {TARGETS[bits]}x ({TARGETS[bits] * float_ppl:.1f})" if name == "stage1+mixed10" and bits in TARGETS else ""
+        met = "" if not target else (" met" if row["ppl"] <= TARGETS[bits] * float_ppl else " **missed**")
+        lr = f"{st['lr_rotation']:g}" if st else ""
+        lines.append(f"| {bits} | {ROW_TITLES[name]} | {lr} | {row['ppl']:.3f} | {row['ppl'] / float_ppl:.2f} | {target}{met} | "
+                     + (f"{st['seconds_per_step']:.2f} | {st['plain_float_forward_backward_seconds']:.2f} "
+                        f"({st['float_forward_backward_with_rotations_seconds']:.2f}) | {st['step_ratio']:.2f}" if st else "- | - | -")
                      + f" | {row['seconds']:.0f} |")
-    lines += ["", "Peak RSS per row (each row ran in its own process): "
-              + ", ".join(f"{r['bits']} {r['row']} {r['peak_rss_mib']:.0f}" for r in results["rows"]) + " MiB.", ""]
-    if results.get("pte"):
-        lines += [f"## `.pte` on the x86 HTP simulator ({results['pte_eval']['windows']} x {results['pte_eval']['seq_len']} tokens, SM8650)", "",
-                  "| W-A-KV | row | float | fake-quant | Q/DQ graph | .pte | .pte vs fake-quant | delegates | lower (s) |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for row in results["pte"]:
-            lines.append(f"| {row['bits']} | {ROW_TITLES[row['row']]} | {row['float']:.3f} | {row['fake_quant']:.3f} | {row['qdq']:.3f} | "
+    rss = [f"{r['row']} {r['peak_rss_mib']:.0f}" for r in results["rows"] if "peak_rss_mib" in r]
+    if rss:
+        lines += ["", "Peak RSS per row (each row ran in its own process), MiB: " + ", ".join(rss) + "."]
+    pte = [r for r in results["rows"] if r["row"].startswith(PTE)]
+    if pte:
+        lines += ["", f"## `.pte` on the x86 HTP simulator ({s['pte_windows']} x {s['pte_seq_len']} tokens, SM8650)", "",
+                  "| row | float | fake-quant | Q/DQ graph | .pte | .pte vs fake-quant | delegates | lower (s) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for row in pte:
+            lines.append(f"| {row['row']} | {row['float']:.3f} | {row['fake_quant']:.3f} | {row['qdq']:.3f} | "
                          f"{row['pte']:.3f} | {100 * row['relative_gap']:.2f}% | {row['delegates']} | {row['lower_seconds']:.0f} |")
-    atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
+    return lines
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", nargs="*", default=DEFAULT_RUNS, metavar="BITS:ROW",
-                        help="which rows, in this order (default: the targets first, then the static rows, then stage one alone)")
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--eval-windows", type=int, default=16)
-    parser.add_argument("--calib-windows", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=32)
-    parser.add_argument("--lr-scale", type=float, default=StageOneConfig.lr_scale)
-    parser.add_argument("--lr-rotation", type=float, default=StageOneConfig.lr_rotation)
-    parser.add_argument("--pte-row", default="stage1+mixed10", choices=list(ROWS))
-    parser.add_argument("--pte-seq-len", type=int, default=128)
-    parser.add_argument("--pte-windows", type=int, default=4)
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "stage_one"))
-    parser.add_argument("--merge", action="store_true",
-                        help="keep the rows of the existing results file (same windows) that this run does not redo")
-    args = parser.parse_args()
-    out = Path(args.out)
-    previous = json.loads(out.with_suffix(".json").read_text()) if args.merge and out.with_suffix(".json").is_file() else None
-    stage_one = StageOneConfig(steps=args.steps, lr_scale=args.lr_scale, lr_rotation=args.lr_rotation)
-    qnn_sdk.activate(qnn_sdk.prepare_qnn_sdk())
-    model, tokenizer = load_smollm2()
-    eval_tokens, calib_tokens = split_tokens(tokenizer, "evaluation"), split_tokens(tokenizer, "calibration")
-    from dataclasses import asdict
-
-    results: dict = {
-        "command": "python bench/stage_one.py " + shlex.join(sys.argv[1:]),
-        "eval": {"windows": args.eval_windows, "seq_len": args.seq_len},
-        "calibration": {"windows": args.calib_windows, "seq_len": args.seq_len},
-        "stage_one_config": asdict(stage_one), "torch_threads": torch.get_num_threads(),
-        "float": float("nan"), "rows": [], "pte": [], "versions": package_versions(),
-    }
-    began = time.perf_counter()
-    runs = []
-    for run in args.runs:
-        bits, _, row = run.partition(":")
-        if row not in ROWS and row != "pte":
-            parser.error(f"--runs {run!r}: the row must be one of {', '.join(ROWS)}, or pte")
-        runs.append((bits, row))
-    setting, pte_setting_ = None, None
-    for bits, row in runs:
-        if row != "pte":
-            if setting is None:
-                windows = token_windows(eval_tokens, args.seq_len, args.eval_windows)
-                calibration = list(token_windows(calib_tokens, args.seq_len, args.calib_windows).unsqueeze(1))
-                exported = export_causal_lm(model, args.seq_len).module()
-                setting = (exported, windows, calibration)
-                if previous is not None and (previous["eval"], previous["calibration"]) == (results["eval"], results["calibration"]):
-                    results["float"] = previous["float"]  # the same windows and model: measured by the first invocation
-                else:
-                    results["float"] = perplexity(float_graph(exported), windows, "float (rotated)").ppl
-                release_freed_memory()
-            exported, windows, calibration = setting
-            fq, plan, _, facts = run_row(exported, bits, row, calibration, stage_one)
-            ppl = perplexity(fq, windows, f"fake-quant {plan.name} {row}").ppl
-            results["rows"].append({"bits": bits, "row": row, "ppl": ppl, **facts, "peak_rss_mib": peak_memory_mib()})
-            print(f"{bits} {row}: ppl {ppl:.3f} ({ppl / results['float']:.2f}x float)", flush=True)
-            del fq
-        else:
-            if pte_setting_ is None:
-                pte_graph, pte_windows, pte_calibration = pte_setting(model, tokenizer, args.pte_seq_len, args.pte_windows,
-                                                                      args.calib_windows * args.seq_len // args.pte_seq_len)
-                results["pte_eval"] = {"windows": args.pte_windows, "seq_len": args.pte_seq_len, "soc": "SM8650",
-                                       "calibration_windows": len(pte_calibration)}
-                pte_float = perplexity(float_graph(pte_graph), pte_windows, "float").ppl
-                pte_setting_ = (pte_graph, pte_windows, pte_calibration, pte_float)
-            pte_graph, pte_windows, pte_calibration, pte_float = pte_setting_
-            fq, plan, _, facts = run_row(pte_graph, bits, args.pte_row, pte_calibration, stage_one)
-            quantized = converted(fq, plan, pte_calibration)
-            row = {"bits": bits, "row": args.pte_row, "float": pte_float, **facts,
-                   **pte_measurement(fq, quantized, pte_windows, out.parent / f"stage_one_{bits}.pte", bits)}
-            results["pte"].append(row)
-            print(f"{bits}: float {pte_float:.3f} fake-quant {row['fake_quant']:.3f} Q/DQ {row['qdq']:.3f} .pte {row['pte']:.3f}", flush=True)
-            del fq, quantized
-        results["peak_rss_mib"] = peak_memory_mib()
-        write(merged(previous, results), out)
-        release_freed_memory()
-    results["total_seconds"] = round(time.perf_counter() - began, 1)
-    results["peak_rss_mib"] = peak_memory_mib()
-    write(merged(previous, results), out)
-    return 0
-
+BENCH = Bench(name="stage_one", script=__file__, title="Stage one and mixed precision: SmolLM2-135M-Instruct, Brown evaluation split",
+              setting=SETTING, default_rows=DEFAULT_ROWS, config=row_config, measure=measure, body=body,
+              description=__doc__.splitlines()[0])
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(BENCH))

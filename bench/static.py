@@ -1,210 +1,171 @@
 #!/usr/bin/env python3
 """Static encodings (stage two only, no learning) on SmolLM2-135M-Instruct, Brown corpus.
 
-1. Fake-quant ppl for W-A-KV 8-8-8, 4-8-8, 4-4-8, each without rotation and with random Hadamard
-   R1/R2 (the QuaRot-style static baseline), plus rotated 8-8-8 with every down_proj input at 16
-   bits. Without rotation the A-bit linear inputs need explicit overrides (the default plan keeps
-   unrotated activations at >= 8 bits); the override warning is expected.
-2. The rotated 8-8-8 and 4-8-8 graphs at a shorter length lowered to QNN HTP (SM8650) and run on
-   the x86 HTP simulator: `.pte` ppl next to fake-quant ppl. Where they differ by more than 2%,
-   the per-layer comparison (residual-stream tensors tapped out of the `.pte`) is written too.
-
-Results are written after every row (atomically) to bench/results/static.{json,md}.
+Rows, each the STATIC recipe (quantnpu.pipeline) with:
+- `BITS:none` / `BITS:hadamard`: fake-quant ppl for W-A-KV 8-8-8, 4-8-8, 4-4-8 without rotation and
+  with random Hadamard R1/R2 (the QuaRot-style static baseline). Without rotation the A-bit linear
+  inputs need explicit overrides (the default plan keeps unrotated activations at >= 8 bits); the
+  override warning is expected;
+- `BITS:hadamard:down16`: every down_proj input at 16 bits; `BITS:hadamard:p10`: the 10% most
+  sensitive at 16 bits (AssignBitWidths);
+- `float:none` / `float:hadamard`: the float graph after the float passes;
+- `pte:BITS`: the rotated graph at `--pte-seq-len` tokens lowered to QNN HTP (SM8650) and run on the
+  x86 HTP simulator, `.pte` ppl next to fake-quant ppl; where they differ by more than 2%, the
+  per-tensor comparison (residual-stream tensors tapped out of the `.pte`) is written too.
+One row per process through bench/harness.py (bench/results/static.{json,md}).
 """
 
 from __future__ import annotations
 
-import argparse
-import copy
-import json
-import shlex
 import sys
-import time
 import warnings
 from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-import torch  # noqa: E402
-
-from quantnpu.fileio import atomic_write_text  # noqa: E402
-from quantnpu.memory import release_freed_memory  # noqa: E402
-from quantnpu.lowering import qnn_sdk  # noqa: E402
-from quantnpu.lowering.lower import lower_to_qnn  # noqa: E402
-from quantnpu.models.corpus import split_tokens, token_windows  # noqa: E402
-from quantnpu.models.export import export_causal_lm  # noqa: E402
-from quantnpu.models.smollm2 import load_smollm2  # noqa: E402
-from quantnpu.passes import PassManager, PlanBitWidths  # noqa: E402
-from quantnpu.passes.integer_only import integer_only_violations  # noqa: E402
-from quantnpu.quantizers.bit_plan import BitPlan  # noqa: E402
-from quantnpu.pipeline import STATIC, find_pass, pipeline  # noqa: E402
-from quantnpu.runtime_harness.perplexity import perplexity  # noqa: E402
-from quantnpu.runtime_harness.pte import PteModel  # noqa: E402
-from quantnpu.runtime_harness.records import package_versions, peak_memory_mib  # noqa: E402
+from harness import RESULTS, Bench, Context, RowConfig, Setting, main, perplexity, pte_measurement  # noqa: E402
 
 # Without rotation, the linears whose inputs R1/R2 would rotate get A bits only by override.
 UNROTATED_A = tuple(f"*.{kind}.input" for kind in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"))
-# (W-A-KV, rotation, overrides, fraction of down_proj inputs promoted to 16 bits by sensitivity)
-ROWS = [
-    ("8-8-8", "none", (), 0.0), ("8-8-8", "hadamard", (), 0.0),
-    ("4-8-8", "none", (), 0.0), ("4-8-8", "hadamard", (), 0.0),
-    ("4-4-8", "none", tuple(f"{p}=4" for p in UNROTATED_A), 0.0), ("4-4-8", "hadamard", (), 0.0),
-    ("8-8-8", "hadamard", ("*.down_proj.input=16",), 0.0),
-    ("8-8-8", "hadamard", (), 0.1), ("4-8-8", "hadamard", (), 0.1), ("4-4-8", "hadamard", (), 0.1),
-]
-ET_SKELETON = {"8a8w": 134999.8, "16a8w": 51.720, "16a4w": 148.748, "16a4w_block": 75.041}
+CONFIGS = ("8-8-8", "4-8-8", "4-4-8")
+ROTATIONS = ("none", "hadamard")
+VARIANTS = {"": ((), 0.0), "down16": (("*.down_proj.input=16",), 0.0), "p10": ((), 0.1)}
+PTE = "pte:"
+DEFAULT_ROWS = ([f"float:{r}" for r in ROTATIONS] + [f"{b}:{r}" for b in CONFIGS for r in ROTATIONS]
+                + ["8-8-8:hadamard:down16"] + [f"{b}:hadamard:p10" for b in CONFIGS] + [f"{PTE}8-8-8", f"{PTE}4-8-8"])
+SETTING = Setting(seq_len=512, eval_windows=16, calib_windows=8, pte_seq_len=128, pte_windows=4)
+LOCALIZE_ABOVE = 0.02
 
 
-def fake_quant(graph, plan, calibration, rotate: str = "hadamard", promote_fraction: float = 0.0):
-    """The pipeline up to StaticCalibration on a copy of the exported `graph`: (fake-quant graph,
-    HTP legalization deviations, init-rule warnings, seconds). The float passes are verified."""
-    start = time.perf_counter()
+def parse_row(row: str) -> tuple[str, str, str]:
+    """(bits, rotation, variant) of `BITS:ROTATION[:down16|:p10]`, `float:ROTATION` or `pte:BITS` (rotated)."""
+    from quantnpu.errors import QuantNpuError
+    from quantnpu.quantizers.bit_plan import BitPlan
+
+    if row.startswith(PTE):
+        bits, rotate, variant = row.removeprefix(PTE), "hadamard", ""
+    else:
+        parts = row.split(":")
+        bits, rotate, variant = (parts + ["", ""])[:3] if 2 <= len(parts) <= 3 else ("", "", "?")
+        if rotate not in ROTATIONS or variant not in VARIANTS:
+            raise ValueError(f"row {row!r}: write BITS:ROTATION[:down16|:p10] (ROTATION none or hadamard), float:ROTATION or {PTE}BITS")
+    if bits != "float":
+        try:
+            BitPlan.parse(bits)
+        except QuantNpuError as error:
+            raise ValueError(f"row {row!r}: {error}") from None
+    return bits, rotate, variant
+
+
+def row_config(row: str, setting: Setting) -> RowConfig:
+    from quantnpu.pipeline import STATIC
+
+    bits, rotate, variant = parse_row(row)
+    if bits == "float":
+        return RowConfig(None, recipe=STATIC.replace(rotate=rotate))
+    overrides, fraction = VARIANTS[variant]
+    a = int(bits.split("-")[1])
+    if rotate == "none" and a < 8:
+        overrides = overrides + tuple(f"{p}={a}" for p in UNROTATED_A)
+    return RowConfig(bits, overrides, STATIC.replace(rotate=rotate, promote_fraction=fraction))
+
+
+def fake_quant(config: RowConfig, context: Context, graph=None, calibration=None):
+    """The row's fake-quant graph, HTP legalization deviations, init-rule warnings and seconds."""
+    from quantnpu.passes import PlanBitWidths
+    from quantnpu.pipeline import find_pass
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        passes = pipeline(plan, calibration, STATIC, rotate=rotate, progress=True, promote_fraction=promote_fraction)
-        fq = PassManager(passes, stop_after="StaticCalibration").run(copy.deepcopy(graph))
+        fq, passes, seconds = context.fake_quant(config, graph, calibration)
     deviations = [asdict(d) for d in find_pass(passes, PlanBitWidths).deviations]
     warned = sorted({str(w.message).split(":")[0] for w in caught if "against the rule" in str(w.message)})
-    return fq, deviations, warned, time.perf_counter() - start
+    return fq, deviations, warned, seconds
 
 
-def converted(fq, plan, calibration, rotate: str = "hadamard"):
-    """The rest of the pipeline on a fake-quant graph from `fake_quant`: the integer-only Q/DQ graph."""
-    return PassManager(pipeline(plan, calibration, STATIC, rotate=rotate)).run(copy.deepcopy(fq), start_after="StaticCalibration")
+def measure(row: str, config: RowConfig, context: Context, part=None, skip=()) -> dict:
+    from quantnpu.passes.integer_only import integer_only_violations
+
+    bits, rotate, variant = parse_row(row)
+    if bits == "float":
+        return {"ppl": perplexity(context.float_graph(rotate=rotate), context.windows, f"float ({rotate})")}
+    if not row.startswith(PTE):
+        fq, deviations, warned, seconds = fake_quant(config, context)
+        return {"ppl": perplexity(fq, context.windows, f"fake-quant {row}"), "deviations": deviations, "rule_warnings": len(warned),
+                "seconds": round(seconds, 1)}
+    graph, windows, calibration = context.pte_graph, context.pte_windows, context.pte_calibration
+    float_ppl = perplexity(context.float_graph(graph), windows, "float")
+    fq, _, _, _ = fake_quant(config, context, graph, calibration)
+    quantized = context.converted(fq, config, calibration)
+    measured = {"float": float_ppl, "integer_only_violations": integer_only_violations(quantized),
+                **pte_measurement(fq, quantized, windows, bits)}
+    if measured["relative_gap"] > LOCALIZE_ABOVE:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as work:
+            measured["localization"] = localize(quantized, windows[:1], Path(work) / "taps.pte")
+    return measured
 
 
-def float_graph(graph, rotate: str = "hadamard"):
-    """The float passes (verified) on a copy of the exported `graph`."""
-    return PassManager(pipeline(rotate=rotate)).run(copy.deepcopy(graph))
+def skeleton_et_rows() -> str:
+    """ExecuTorch's QnnQuantizer fake-quant ppl from bench/results/skeleton.json (another setting)."""
+    import json
+
+    path = RESULTS / "skeleton.json"
+    if not path.is_file():
+        return ""
+    skeleton = json.loads(path.read_text())
+    s = skeleton["setting"]
+    by_row = {r["row"]: r for r in skeleton["rows"]}
+    cells = [f"{row.removeprefix('et-')} {r['ppl']:,.3f}" for row, r in by_row.items() if row.startswith("et-")]
+    flt = by_row.get("float:graph")
+    return (f"ExecuTorch QnnQuantizer fake-quant from bench/results/skeleton.md ({s['eval_windows']} x {s['seq_len']} windows, "
+            + (f"where float is {flt['ppl']:.3f}; " if flt else "") + "compare ratios to float): " + ", ".join(cells))
 
 
-def pte_setting(model, tokenizer, seq_len: int = 128, eval_windows: int = 4, calib_windows: int = 32):
-    """The `.pte` rows' setting (also used by rounding_noise.py and narrow_edges.py, so their numbers
-    sit beside the `.pte` ppl): the exported graph at `seq_len`, its eval windows, calibration batches."""
-    gm = export_causal_lm(model, seq_len).module()
-    windows = token_windows(split_tokens(tokenizer, "evaluation"), seq_len, eval_windows)
-    calibration = list(token_windows(split_tokens(tokenizer, "calibration"), seq_len, calib_windows).unsqueeze(1))
-    return gm, windows, calibration
-
-
-def pte_measurement(fq, quantized, windows, pte_path: Path, label: str) -> dict:
-    """Lower the Q/DQ graph to `pte_path` and run the fake-quant graph, the Q/DQ graph (what lowering
-    consumes) and the `.pte` on the HTP simulator over `windows`: their ppl and the lowering facts.
-    The `.pte` (100+ MiB) is deleted afterwards; the numbers are what is kept."""
-    lowered = lower_to_qnn(quantized, (windows[:1],), pte_path)
-    fq_ppl = perplexity(fq, windows, f"fake-quant {label}").ppl
-    qdq_ppl = perplexity(quantized, windows, f"Q/DQ graph {label}").ppl
-    pte_ppl = perplexity(PteModel(lowered.pte_path), windows, f".pte {label}").ppl
-    pte_path.unlink(missing_ok=True)
-    return {"fake_quant": fq_ppl, "qdq": qdq_ppl, "pte": pte_ppl, "relative_gap": abs(pte_ppl - fq_ppl) / fq_ppl,
-            "delegates": lowered.delegates, "outside_delegates": lowered.outside_delegates,
-            "mib": lowered.size_bytes / 2**20, "lower_seconds": round(lowered.seconds, 1)}
-
-
-def write(results: dict, out: Path) -> None:
-    atomic_write_text(out.with_suffix(".json"), json.dumps(results, indent=1) + "\n")
-    lines = [
-        "# Static encodings (stage two, no learning): SmolLM2-135M-Instruct, Brown evaluation split", "",
-        f"Command: `{results['command']}`", "",
-        f"Fake-quant: {results['eval']['windows']} x {results['eval']['seq_len']}-token windows; "
-        f"calibration {results['calibration']['windows']} x {results['calibration']['seq_len']}. "
-        f"Float ppl: unrotated {results['float'].get('none', float('nan')):.3f}, rotated {results['float'].get('hadamard', float('nan')):.3f}.", "",
-        "| W-A-KV | rotation | overrides | down_proj inputs promoted by sensitivity | fake-quant ppl | HTP deviations | passes + calibrate (s) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for row in results["rows"]:
-        lines.append(f"| {row['bits']} | {row['rotate']} | {' '.join(row['overrides']) or '-'} | "
-                     f"{row.get('promote_fraction', 0.0):.0%} | {row['ppl']:.3f} | {len(row['deviations'])} | {row['seconds']:.0f} |")
-    lines += ["", "ExecuTorch QnnQuantizer fake-quant from the skeleton issue (40 x 512 windows, where float is 49.621; "
-              "compare ratios to float): " + ", ".join(f"{k} {v:,.3f}" for k, v in ET_SKELETON.items()), ""]
-    if results.get("pte"):
-        lines += [f"## `.pte` on the x86 HTP simulator ({results['pte_eval']['windows']} x {results['pte_eval']['seq_len']} tokens, SM8650)", "",
-                  "| W-A-KV | rotation | float | fake-quant | Q/DQ graph | .pte | .pte vs fake-quant | delegates | MiB | lower (s) |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
-        for row in results["pte"]:
-            lines.append(f"| {row['bits']} | {row['rotate']} | {row['float']:.3f} | {row['fake_quant']:.3f} | {row.get('qdq', float('nan')):.3f} | {row['pte']:.3f} | "
+def body(results: dict) -> list[str]:
+    s = results["setting"]
+    by_row = {r["row"]: r for r in results["rows"]}
+    flt = {r: by_row[f"float:{r}"]["ppl"] if f"float:{r}" in by_row else float("nan") for r in ROTATIONS}
+    lines = [f"Fake-quant: {s['eval_windows']} x {s['seq_len']}-token windows; calibration {s['calib_windows']} x {s['seq_len']}. "
+             f"Float ppl: unrotated {flt['none']:.3f}, rotated {flt['hadamard']:.3f}.", "",
+             "| row | W-A-KV | rotation | overrides | down_proj inputs promoted by sensitivity | fake-quant ppl | HTP deviations | passes + calibrate (s) |",
+             "|---|---|---|---|---|---|---|---|"]
+    quantized = [(parse_row(r["row"]), r) for r in results["rows"] if not r["row"].startswith(("float:", PTE))]
+    for (bits, rotate, variant), r in quantized:
+        config = r.get("config") or {}
+        overrides = " ".join(config.get("overrides", [])) or "-"
+        fraction = (config.get("recipe") or {}).get("promote_fraction", 0.0)
+        lines.append(f"| {r['row']} | {bits} | {rotate} | {overrides} | {fraction:.0%} | {r['ppl']:.3f} | {len(r['deviations'])} | {r['seconds']:.0f} |")
+    et = skeleton_et_rows()
+    if et:
+        lines += ["", et]
+    pte = [r for r in results["rows"] if r["row"].startswith(PTE)]
+    if pte:
+        lines += ["", f"## `.pte` on the x86 HTP simulator ({s['pte_windows']} x {s['pte_seq_len']} tokens, SM8650; calibration "
+                  f"{s['calib_windows'] * s['seq_len'] // s['pte_seq_len']} x {s['pte_seq_len']})", "",
+                  "| row | float | fake-quant | Q/DQ graph | .pte | .pte vs fake-quant | delegates | MiB | lower (s) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for row in pte:
+            lines.append(f"| {row['row']} | {row['float']:.3f} | {row['fake_quant']:.3f} | {row.get('qdq', float('nan')):.3f} | {row['pte']:.3f} | "
                          f"{100 * row['relative_gap']:.2f}% | {row['delegates']} | {row['mib']:.1f} | {row['lower_seconds']:.0f} |")
-        for row in results["pte"]:
+        for row in pte:
             if row.get("localization"):
-                lines += ["", f"Per-tensor comparison, {row['bits']} (first window; steps of each tensor's grid): every tensor of "
+                lines += ["", f"Per-tensor comparison, {row['row']} (first window; steps of each tensor's grid): every tensor of "
                           "layer 0 in graph order, then the residual stream (the adds) of each later layer:", "", "```",
                           *row["localization"], "```"]
-    if results["rows"]:
-        lines += ["", "HTP legalization deviations (first rotated row):", ""]
-        first = next((r for r in results["rows"] if r["rotate"] == "hadamard"), results["rows"][0])
+    first = next((r for (_, rotate, _), r in quantized if rotate == "hadamard"), None)
+    if first is not None:
         from collections import Counter
 
         kinds = Counter(f"{d['role'].split('.')[-1]}: {d['tensor'].split(' %')[0]} {d['planned']} -> {d['assigned']} bits"
                         for d in first["deviations"])
-        kinds = [f"{k} ({n} layers)" for k, n in sorted(kinds.items())]
-        lines += [f"- {k}" for k in kinds] or ["- none"]
-    atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--eval-windows", type=int, default=40)
-    parser.add_argument("--calib-windows", type=int, default=16)
-    parser.add_argument("--rows", type=int, nargs="*", help="indices of ROWS to run (default all)")
-    parser.add_argument("--pte-configs", nargs="*", default=["8-8-8", "4-8-8"])
-    parser.add_argument("--pte-seq-len", type=int, default=128)
-    parser.add_argument("--pte-windows", type=int, default=4)
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "static"))
-    args = parser.parse_args()
-    out = Path(args.out)
-    qnn_sdk.activate(qnn_sdk.prepare_qnn_sdk())
-    model, tokenizer = load_smollm2()
-    eval_tokens, calib_tokens = split_tokens(tokenizer, "evaluation"), split_tokens(tokenizer, "calibration")
-    results: dict = {
-        "command": "python bench/static.py " + shlex.join(sys.argv[1:]),
-        "eval": {"windows": args.eval_windows, "seq_len": args.seq_len},
-        "calibration": {"windows": args.calib_windows, "seq_len": args.seq_len},
-        "float": {}, "rows": [], "pte": [], "versions": package_versions(),
-    }
-    rows = [ROWS[i] for i in args.rows] if args.rows is not None else ROWS
-    if rows:
-        windows = token_windows(eval_tokens, args.seq_len, args.eval_windows)
-        calibration = list(token_windows(calib_tokens, args.seq_len, args.calib_windows).unsqueeze(1))
-        exported = export_causal_lm(model, args.seq_len).module()
-        for rotate in ("none", "hadamard"):
-            results["float"][rotate] = perplexity(float_graph(exported, rotate), windows, f"float ({rotate})").ppl
-            release_freed_memory()
-        for bits, rotate, overrides, promote in rows:
-            plan = BitPlan.parse(bits, overrides)
-            fq, deviations, warned, seconds = fake_quant(exported, plan, calibration, rotate, promote)
-            ppl = perplexity(fq, windows, f"fake-quant {plan.name} ({rotate})").ppl
-            results["rows"].append({"bits": bits, "rotate": rotate, "overrides": list(overrides), "promote_fraction": promote,
-                                    "ppl": ppl, "deviations": deviations, "rule_warnings": len(warned), "seconds": round(seconds, 1)})
-            print(f"{plan.name} {rotate} promote {promote}: ppl {ppl:.3f}", flush=True)
-            write(results, out)
-            del fq
-            release_freed_memory()
-    if args.pte_configs:
-        exported, pte_windows, calibration = pte_setting(model, tokenizer, args.pte_seq_len, args.pte_windows,
-                                                         args.calib_windows * args.seq_len // args.pte_seq_len)
-        results["pte_eval"] = {"windows": args.pte_windows, "seq_len": args.pte_seq_len, "soc": "SM8650"}
-        float_ppl = perplexity(float_graph(exported), pte_windows, "float").ppl
-        for bits in args.pte_configs:
-            plan = BitPlan.parse(bits)
-            fq, deviations, _, _ = fake_quant(exported, plan, calibration)
-            quantized = converted(fq, plan, calibration)
-            violations = integer_only_violations(quantized)
-            row = {"bits": bits, "rotate": "hadamard", "float": float_ppl, "integer_only_violations": violations,
-                   **pte_measurement(fq, quantized, pte_windows, out.parent / f"static_{bits}.pte", bits)}
-            fq_ppl, qdq_ppl, pte_ppl = row["fake_quant"], row["qdq"], row["pte"]
-            if row["relative_gap"] > 0.02:
-                row["localization"] = localize(quantized, pte_windows[:1], out.parent / f"static_{bits}_taps.pte")
-            results["pte"].append(row)
-            print(f"{bits}: float {float_ppl:.3f} fake-quant {fq_ppl:.3f} Q/DQ {qdq_ppl:.3f} .pte {pte_ppl:.3f}", flush=True)
-            write(results, out)
-            del fq, quantized
-            release_freed_memory()
-    results["peak_rss_mib"] = peak_memory_mib()
-    write(results, out)
-    return 0
+        lines += ["", f"HTP legalization deviations ({first['row']}):", ""]
+        lines += [f"- {k} ({n} layers)" for k, n in sorted(kinds.items())] or ["- none"]
+    return lines
 
 
 def localization_taps(quantized, hidden: int):
@@ -234,5 +195,9 @@ def localize(quantized, window, pte_path: Path) -> list[str]:
     return layer0_lines + ["..."] + [r.line() for r in later_results if first_per_tensor[r.source] is r]
 
 
+BENCH = Bench(name="static", script=__file__, title="Static encodings (stage two, no learning): SmolLM2-135M-Instruct, "
+              "Brown evaluation split", setting=SETTING, default_rows=DEFAULT_ROWS, config=row_config, measure=measure, body=body,
+              description=__doc__.splitlines()[0])
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(BENCH))
