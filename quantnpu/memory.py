@@ -2,8 +2,8 @@
 
 PyTorch's CPU allocator uses malloc; glibc keeps freed blocks of a forward pass in its arenas, so a
 process that runs many 512-token windows (calibration, one benchmark row after another) grows by
-gigabytes that nothing uses (SmolLM2 calibration: 1.9 -> 7.8 GiB over 6 windows; 1.8 GiB flat
-with a trim after each window). `malloc_trim` returns them. Elsewhere this does nothing.
+gigabytes that nothing uses (seen on SmolLM2 calibration; flat with a trim after each window).
+`malloc_trim` returns them. Elsewhere this does nothing.
 """
 
 from __future__ import annotations

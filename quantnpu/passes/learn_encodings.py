@@ -81,12 +81,12 @@ class StageOneConfig:
     and their gradients accumulated; under torchrun they are split across ranks), 32 steps.
     The paper: 512 steps of 2 x 2 x 2048 tokens, lr 0.1 rotations / 0.01 scales, SGD, cosine decay,
     local loss for the first 128 steps. Rotation lr, measured on SmolLM2-135M with 10% promotion
-    (bench/results/stage_one*.md): with 4-bit weights a large lr helps (4-8-8, 16 steps at 256 tokens:
-    lr 0.02 / 0.1 / 0.5 / 2.0 -> ppl 243.9 / 205.8 / 184.1 / 166.4, static 277.4), but at 8-8-8, where
-    the learned sites carry little error, lr 2.0 walks R1 away from the Hadamard start and doubles the
-    ppl of everything stage one leaves float (90.6 -> 179.8, 32 steps at 512), while 0.1 leaves it at
-    90.5. The default is the paper's 0.1; `lr_rotation=2.0` is the choice for 4-bit weights. Scale
-    lr 0.01 beat 0.1 (205.8 vs 222.4)."""
+    (norms then quantized op by op): with 4-bit weights a large lr helps, but at 8-8-8, where the
+    learned sites carry little error, lr 2.0 walks R1 away from the Hadamard start and raised the ppl
+    from 90.6 (10% alone) to 179.8 (32 steps at 512), while 0.1 left it at 90.5 (the 8-8-8 rows of
+    bench/results/stage_one.md and stage_one_lr01.md at commit 2cfc62f). The default is the paper's
+    0.1; `lr_rotation=2.0` is the choice for 4-bit weights (bench/results/stage_one.md's 4-bit rows).
+    The scale lr 0.01 is the paper's."""
 
     optimize: str = "selective"
     steps: int = 32

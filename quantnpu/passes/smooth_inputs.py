@@ -17,8 +17,9 @@ consuming weight as the graph computes it now, i.e. after R1/R2):
 - `search`: per layer the alpha of `alphas` with the smallest output error of the smoothed linear on
   a sample of calibration rows, with everything the factor rescales quantized at the plan's bits
   (the initialization rule's scales): the producer's output (up_proj's; V), the linear's input and
-  its weight. (Without the producer's output the criterion picks alpha ~0.9 almost everywhere and
-  ends worse than one fixed 0.5: the factor squashes up_proj's outlier channels below their 8-bit step.)
+  its weight. (Without the producer's output the criterion picked high alphas almost everywhere and
+  ended worse than one fixed alpha, in the table of bench/results/smoothing.md at commit f7afd8c: the
+  factor squashes up_proj's outlier channels below their 8-bit step.)
 - `learn`: the search's factors, then learned in stage one (LearnEncodings, `learn_smoothing`).
 A channel that never fires (max |X_j| = 0) or a zero weight column keeps `s_j = 1`. Every factor
 is recorded (`factors`, `report()`); the verifier checks that the function is unchanged.

@@ -2,9 +2,10 @@
 their own 16-bit encodings, so that their massive activations stop setting everybody's scale.
 
 Decoder LLMs put huge values on the first position ("attention sink" / massive activations; it is
-the position, not the token). In SmolLM2-135M-Instruct on Brown text, layer 11's down_proj input
-reaches 3347 at position 0 and 11.7 everywhere else, and its output 27295 vs 35: a static
-per-tensor 8-bit encoding sized for position 0 rounds every other token's MLP output to zero.
+the position, not the token). In SmolLM2-135M-Instruct on Brown text, some layers' down_proj input
+and output are hundreds of times larger at position 0 than anywhere else (this pass's `report()`
+lists each MLP's ratio): a static per-tensor 8-bit encoding sized for position 0 rounds every other
+token's MLP output to zero.
 Rotations cannot help (the value is one token's, not one channel's), and smoothing only moves it
 into the weights. But an MLP is position-wise, so
 
@@ -13,8 +14,8 @@ into the weights. But an MLP is position-wise, so
 exactly, in float: the rewrite keeps the function (the verifier checks it) and nothing becomes
 dynamic. Each half is a separate, static set of tensors with the plan's widths and encodings of its
 own: the rest's scales no longer see position 0, and the leading copy's fit the outsized values
-(on SmolLM2 at 8-8-8 with every linear input at 8 bits, ppl 55.85 with the copy at 8 bits, 55.92
-with it at 16: `--override '*@leading.*=16'`). The two copies share the weights (one quantized
+(bench/results/smoothing.md: rows with and without `lead`; the copy's widths can be raised alone with
+`--override '*@leading.*=16'`). The two copies share the weights (one quantized
 weight tensor); the `cat` is a 16-bit tensor, like the residual add it feeds.
 
 Which layers: `auto` (default) splits a layer's MLP when, over the calibration windows, some tensor
