@@ -22,7 +22,15 @@ test: setup
 test-slow: setup
 	$(PY) -m pytest -q -m slow
 
+# The benchmarks a user runs (hours; each row in its own process, merged into bench/results/).
+# bench/studies/ holds one-off investigations, run by hand.
 bench: setup
 	$(PY) bench/skeleton.py
 	$(PY) bench/rotation.py
 	$(PY) bench/static.py
+	$(PY) bench/stage_one.py
+	$(PY) bench/smoothing.py
+	$(PY) bench/table1.py
+	$(PY) bench/ablation.py
+	$(PY) bench/fig4.py
+	$(PY) bench/fidelity.py
