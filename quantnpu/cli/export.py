@@ -10,7 +10,7 @@ from pathlib import Path
 from quantnpu.cli.common import check_positive, run_quietly
 from quantnpu.errors import QuantNpuError
 
-EXPORT_MODELS = ("smollm2", "tiny-llama", "tiny-qwen2")
+EXPORT_MODELS = ("smollm2", "gemma3-270m", "tiny-llama", "tiny-qwen2")
 SMOLLM2_VOCAB = 49152
 
 
@@ -35,6 +35,10 @@ def _export(args: argparse.Namespace) -> int:
         from quantnpu.models.smollm2 import load_smollm2
 
         model, _ = load_smollm2()
+    elif args.model == "gemma3-270m":
+        from quantnpu.models.gemma3 import load_gemma3
+
+        model, _ = load_gemma3()
     else:
         from quantnpu.models import tiny
 
