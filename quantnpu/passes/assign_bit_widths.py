@@ -21,15 +21,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx
-from tqdm import tqdm
 
 from quantnpu.graph.meta import node_info, update_tensor_quant
-from quantnpu.memory import release_freed_memory
 from quantnpu.passes.annotate_roles import AnnotateRoles
 from quantnpu.passes.base import GraphPass, PassResult, require
-from quantnpu.graph.watch import ValueWatcher
 from quantnpu.passes.fuse_rotations import FuseRotations
-from quantnpu.passes.bake_rotations import baked_copy
+from quantnpu.passes.stream import LayerStream
 from quantnpu.passes.smooth_inputs import SmoothUnrotatedInputs
 from quantnpu.quantizers.encodings import Encoding
 from quantnpu.quantizers.init_rules import max_min_scale
@@ -64,19 +61,17 @@ class AssignBitWidths(GraphPass):
         self.skip_leading = skip_leading
         self.sensitivities: list[Sensitivity] = []
 
-    def _stream(self, gm, inputs: dict[torch.fx.Node, torch.fx.Node], visit, what: str) -> None:
+    def _stream(self, stream: LayerStream, inputs: dict[torch.fx.Node, torch.fx.Node], visit, what: str) -> None:
         with torch.no_grad():
-            for batch in tqdm(self.calibration, desc=f"sensitivity ({what})", unit="window", disable=not self.progress):
-                ValueWatcher(gm, set(inputs), visit).run(batch)
-                release_freed_memory()
+            stream.run(self.calibration, visit, targets=set(inputs), progress=f"sensitivity ({what})" if self.progress else None)
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         downs = [n for n in gm.graph.nodes if (info := node_info(n)) is not None and info.kind == "down_proj"]
         require(bool(downs), "no down_proj found: run AnnotateRoles first")
         require(bool(self.calibration), "sensitivity needs calibration batches")
-        measured = baked_copy(gm)
-        by_name = {n.name: n for n in measured.graph.nodes}
-        inputs = {by_name[down.args[0].name]: down for down in downs}
+        # the activations of the baked model (what is quantized), one layer at a time: no baked copy
+        measured = LayerStream(gm, baked=True)
+        inputs = {down.args[0]: down for down in downs}
         stats = {node: RunningStats() for node in inputs}
         skip = self.skip_leading
         self._stream(measured, inputs, lambda node, x: stats[node].update(x[:, skip:]), "max")

@@ -38,14 +38,13 @@ from tqdm import tqdm
 from quantnpu.errors import GraphStructureError, QuantNpuError
 from quantnpu.graph.meta import node_info, nodes_by_role, update_node_info
 from quantnpu.graph.ops import ancestors, skip_passthrough_backward, skip_passthrough_forward
-from quantnpu.graph.watch import ValueWatcher
-from quantnpu.memory import release_freed_memory
 from quantnpu.passes.annotate_roles import AnnotateRoles, DecoderDims, attention_inputs
 from quantnpu.passes.base import GraphPass, PassResult
 from quantnpu.passes.fold_constants import evaluate_nodes
 from quantnpu.passes.folded import SMOOTH_PREFIX, is_rotation_target, is_smoothing_target
 from quantnpu.passes.fuse_rotations import FuseRotations, WeightOps
 from quantnpu.passes.plan_bit_widths import linear_bits
+from quantnpu.passes.stream import LayerStream
 from quantnpu.passes.weights import add_weight, weight_tensor
 from quantnpu.quantizers.bit_plan import BitPlan
 from quantnpu.quantizers.init_rules import TensorStats, initial_scale
@@ -227,10 +226,9 @@ class SmoothUnrotatedInputs(GraphPass):
         each producer's output ("producer"), keyed (consumer, what); for the search also an evenly
         strided sample of their rows, the same rows of each, and of the gate activation ("gate")
         that multiplies up_proj's output."""
-        from quantnpu.passes.bake_rotations import baked_copy
-
-        measured = baked_copy(gm)
-        by_name = {n.name: n for n in measured.graph.nodes}
+        # the activations of the baked model, one layer at a time (no baked copy of the weights)
+        measured = LayerStream(gm, baked=True)
+        by_name = {n.name: n for n in gm.graph.nodes}
         watched: dict[torch.fx.Node, list[tuple[torch.fx.Node, str]]] = {}
         for producer, consumer, kind in pairs:
             watched.setdefault(by_name[consumer.args[0].name], []).append((consumer, "input"))
@@ -256,9 +254,7 @@ class SmoothUnrotatedInputs(GraphPass):
                     samples.setdefault(key, []).append(rows[:: max(1, rows.shape[0] // per_window)][:per_window].float().clone())
 
         with torch.no_grad():
-            for batch in tqdm(self.calibration, desc="smoothing statistics", unit="window", disable=not self.progress):
-                ValueWatcher(measured, set(watched), visit).run(batch)
-                release_freed_memory()
+            measured.run(self.calibration, visit, targets=set(watched), progress="smoothing statistics" if self.progress else None)
         return maxima, {key: torch.cat(rows) for key, rows in samples.items()}
 
     # -- factors ---------------------------------------------------------------------------------
