@@ -388,9 +388,6 @@ class Bench:
     description: str = ""
     rows_help: str = ""
 
-    def check_row(self, row: str, setting: Setting) -> RowConfig:
-        return self.config(row, setting)
-
     def stale(self, results: dict) -> list[str]:
         """Rows whose stored config is not what their name builds now (the recipe changed since):
         they were measured, but not with today's pipeline."""
@@ -619,17 +616,15 @@ def run_rows(bench: Bench, rows: Sequence[str], setting: Setting, out: Path, com
     results.write(bench)
     for row in rows:
         reused = measured_elsewhere(bench, row, setting) if part is None and bench.reuse else None
-        if reused is not None:
-            results.merge(reused)
-            results.write(bench)
-            print(f"{row}: taken from {reused['same_as']} (same config and setting)", flush=True)
-            continue
-        measured = measure(bench, row, setting, part, skip)
+        measured = reused if reused is not None else measure(bench, row, setting, part, skip)
         if measured is None:
             return 1
+        # read again before merging: rows another run merged meanwhile are kept
+        results = Results.open(out, bench, setting)
         results.merge(measured, part)
         results.write(bench)
-        print(f"{row}: measured, written to {display(results.path)}", flush=True)
+        print(f"{row}: " + (f"taken from {reused['same_as']} (same config and setting)" if reused is not None
+                            else f"measured, written to {display(results.path)}"), flush=True)
     return 0
 
 
@@ -669,7 +664,7 @@ def main(bench: Bench, argv: Sequence[str] | None = None) -> int:
         rows = [r for r in rows if r not in have]
     for row in rows:
         try:
-            bench.check_row(row, setting)
+            bench.config(row, setting)
         except ValueError as error:
             parser.error(str(error))
     argv = sys.argv[1:] if argv is None else list(argv)
