@@ -60,6 +60,7 @@ from quantnpu.passes.fuse_rotations import FuseRotations, is_rotation_target
 from quantnpu.passes.insert_observers import residual_stream_rotated, weight_is_rotated
 from quantnpu.passes.plan_bit_widths import linear_bits
 from quantnpu.passes.smooth_inputs import LOG_FACTOR_BOUND, SmoothUnrotatedInputs, smoothing_parameters
+from quantnpu.passes.stream import LayerStream
 from quantnpu.quantizers.bit_plan import BitPlan
 from quantnpu.quantizers.init_rules import initial_scale, max_min_scale
 from quantnpu.quantizers.learnable import CayleySGD, LearnableQuantizer, orthogonality_error
@@ -243,10 +244,8 @@ def initialize_scales(gm: torch.fx.GraphModule, sites: Sequence[QuantizerSite], 
     for site in sites:
         site.module.enabled = False
     try:
-        with torch.no_grad():
-            for batch in tqdm(list(batches)[rank::world], desc="stage one init", unit="window", disable=not progress or rank):
-                gm(batch)
-                release_freed_memory()
+        with torch.no_grad():  # layer by layer; each quantizer sees the windows in order, as in a forward each
+            LayerStream(gm).run(list(batches)[rank::world], progress="stage one init" if progress and not rank else None)
     finally:
         for hook in hooks:
             hook.remove()

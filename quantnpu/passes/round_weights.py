@@ -32,10 +32,10 @@ from tqdm import tqdm
 from quantnpu.errors import GraphStructureError, QuantNpuError
 from quantnpu.graph.meta import node_info
 from quantnpu.graph.ops import LINEAR, fetch_attr
-from quantnpu.graph.watch import ValueWatcher
 from quantnpu.memory import release_freed_memory
 from quantnpu.passes.base import GraphPass, PassResult
 from quantnpu.passes.static_calibration import StaticCalibration
+from quantnpu.passes.stream import LayerStream
 from quantnpu.passes.weights import replace_weight, weight_tensor
 from quantnpu.quantizers.bit_plan import LEADING_TAG
 from quantnpu.quantizers.encodings import Encoding
@@ -164,40 +164,62 @@ class RoundWeightsGptq(GraphPass):
             hessians[node] = hessians[node] + gram if node in hessians else gram
             rows[node] += x.shape[0]
 
-        with torch.no_grad():
-            for batch in tqdm(self.calibration, desc="GPTQ statistics", unit="window", disable=not self.progress):
-                ValueWatcher(gm, inputs, accumulate).run(batch)
-                release_freed_memory()
         # A weight read by several linears (an MLP split by SplitLeadingTokens) is rounded once, for
         # all of its inputs together: the Hessian sums their Gram matrices.
         readers: dict[str, list] = {}
         for linear, parameter, observer in targets:
             readers.setdefault(str(parameter.target), []).append((linear, parameter, observer))
-        for group in tqdm(readers.values(), desc="GPTQ rounding", unit="weight", disable=not self.progress):
-            linear, parameter, observer = min(group, key=lambda t: getattr(node_info(t[0]), "role", "").endswith(LEADING_TAG))
-            encoding = observer.encoding
-            if any(other.encoding != encoding for _, _, other in group):
-                raise GraphStructureError("one weight read with two different encodings", group[-1][0].name)
-            weight = weight_tensor(gm, parameter)
-            hessian = sum(hessians[t[0].args[0]] for t in group) / max(sum(rows[t[0].args[0]] for t in group), 1)
-            original = weight.double()
-            scale = torch.tensor(encoding.scale, dtype=torch.float64).reshape(-1, 1)
-            nearest = encoding.fake_quantize(weight.detach()).double()
-            codes = gptq_codes(original, hessian, encoding, self.damp, self.act_order, self.block)
-            rounded = encoding.fake_quantize((codes * scale).to(weight.dtype))
-            reference = max(proxy_error(original, hessian), 1e-300)
-            nearest_error = proxy_error(nearest - original, hessian) / reference
-            gptq_error = proxy_error(rounded.double() - original, hessian) / reference
-            kept = gptq_error < nearest_error
-            if kept:
-                replace_weight(gm, str(parameter.target), rounded)
-                self._written[str(parameter.target)] = encoding
-            info = node_info(linear)
-            self.layers.append(RoundedWeight(info.role if info else linear.name, str(parameter.target), encoding.bits,
-                                             nearest_error, gptq_error, kept))
+        # The windows stream layer by layer; a weight is rounded as soon as the last stage reading it
+        # is done (what later stages read was computed with the weights as they were), and its
+        # Hessians are dropped: one layer's Hessians at a time.
+        stream = LayerStream(gm)
+        due: dict[int, list[str]] = {}
+        for target, group in readers.items():
+            due.setdefault(max(stream.stage_of[linear] for linear, _, _ in group), []).append(target)
+        readers_left = {node: sum(linear.args[0] is node for linear, _, _ in targets) for node in inputs}
+        rounded: dict[str, RoundedWeight] = {}
+        bar = tqdm(total=len(readers), desc="GPTQ rounding", unit="weight", disable=not self.progress)
+
+        def round_due(stage: int) -> None:
+            for target in due.get(stage, ()):
+                rounded[target] = self._round(gm, readers[target], hessians, rows)
+                for linear, _, _ in readers[target]:
+                    readers_left[linear.args[0]] -= 1
+                    if not readers_left[linear.args[0]]:  # q/k/v (and gate/up) share one input's Hessian
+                        hessians.pop(linear.args[0])
+                bar.update()
+
+        with torch.no_grad():
+            stream.run(self.calibration, accumulate, targets=inputs, after_stage=round_due,
+                       progress="GPTQ statistics" if self.progress else None)
+        bar.close()
+        self.layers = [rounded[target] for target in readers]
         hessians.clear()
         release_freed_memory()
         return PassResult(gm, bool(self._written))
+
+    def _round(self, gm: torch.fx.GraphModule, group: list, hessians: dict, rows: dict) -> RoundedWeight:
+        """GPTQ codes for one weight (read by the linears of `group`), kept where they beat round-to-nearest."""
+        linear, parameter, observer = min(group, key=lambda t: getattr(node_info(t[0]), "role", "").endswith(LEADING_TAG))
+        encoding = observer.encoding
+        if any(other.encoding != encoding for _, _, other in group):
+            raise GraphStructureError("one weight read with two different encodings", group[-1][0].name)
+        weight = weight_tensor(gm, parameter)
+        hessian = sum(hessians[t[0].args[0]] for t in group) / max(sum(rows[t[0].args[0]] for t in group), 1)
+        original = weight.double()
+        scale = torch.tensor(encoding.scale, dtype=torch.float64).reshape(-1, 1)
+        nearest = encoding.fake_quantize(weight.detach()).double()
+        codes = gptq_codes(original, hessian, encoding, self.damp, self.act_order, self.block)
+        rounded = encoding.fake_quantize((codes * scale).to(weight.dtype))
+        reference = max(proxy_error(original, hessian), 1e-300)
+        nearest_error = proxy_error(nearest - original, hessian) / reference
+        gptq_error = proxy_error(rounded.double() - original, hessian) / reference
+        kept = gptq_error < nearest_error
+        if kept:
+            replace_weight(gm, str(parameter.target), rounded)
+            self._written[str(parameter.target)] = encoding
+        info = node_info(linear)
+        return RoundedWeight(info.role if info else linear.name, str(parameter.target), encoding.bits, nearest_error, gptq_error, kept)
 
     def ensures(self, gm: torch.fx.GraphModule) -> None:
         # What was written lies exactly on its encoding's grid: the converted graph's integer codes

@@ -42,17 +42,15 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx
-from tqdm import tqdm
 
 from quantnpu.errors import GraphStructureError, QuantNpuError
 from quantnpu.graph.meta import META_KEY, QUANT_KEY, node_info
 from quantnpu.graph.ops import CASTS, GATE_ACTIVATIONS, LINEAR, insert_call
-from quantnpu.graph.watch import ValueWatcher
 from quantnpu.quantizers.bit_plan import LEADING_TAG
-from quantnpu.memory import release_freed_memory
 from quantnpu.passes.annotate_roles import AnnotateRoles
 from quantnpu.passes.bake_rotations import BakeRotations
 from quantnpu.passes.base import GraphPass, PassResult, require
+from quantnpu.passes.stream import LayerStream
 
 aten = torch.ops.aten
 
@@ -234,9 +232,8 @@ class SplitLeadingTokens(GraphPass):
             rest[node] = max(rest[node], float(a[:, k:].amax()))
 
         with torch.no_grad():
-            for batch in tqdm(self.calibration, desc="leading-token ranges", unit="window", disable=not self.progress):
-                ValueWatcher(gm, set(watched), visit).run(batch)
-                release_freed_memory()
+            LayerStream(gm).run(self.calibration, visit, targets=set(watched),
+                                progress="leading-token ranges" if self.progress else None)
         best: dict[int, tuple[float, str]] = {}
         for node, layer in watched.items():
             ratio = head[node] / max(rest[node], 1e-30)

@@ -23,15 +23,14 @@ from collections.abc import Sequence
 
 import torch
 import torch.fx
-from tqdm import tqdm
 
 from quantnpu.diagnostics import QuantNpuWarning
 from quantnpu.errors import GraphStructureError
-from quantnpu.memory import release_freed_memory
 from quantnpu.passes.base import GraphPass, PassResult, require
 from quantnpu.passes.insert_observers import by_tensor, observed_tensors, source_tensor
 from quantnpu.graph.meta import node_info, tensor_quant, update_tensor_quant
 from quantnpu.passes.plan_bit_widths import PlanBitWidths
+from quantnpu.passes.stream import LayerStream
 from quantnpu.quantizers.encodings import Encoding, EncodingTable
 from quantnpu.quantizers.init_rules import choose_rule, mean_based_scale, max_min_scale
 from quantnpu.quantizers.observers import EncodingObserver, float32_exact, is_finite_stats
@@ -83,10 +82,8 @@ class StaticCalibration(GraphPass):
         require(bool(groups), "no observers: run InsertStaticObservers first")
         for group in groups.values():
             require(group.record.bits is not None, "observer without bits: run PlanBitWidths first", group.nodes[0])
-        with torch.no_grad():
-            for batch in tqdm(self.batches, desc="calibrate", unit="window", disable=not self.progress):
-                gm(batch)
-                release_freed_memory()  # else glibc keeps each window's activations (GiBs)
+        with torch.no_grad():  # the windows layer by layer: each observer sees them in order, as in a forward each
+            LayerStream(gm).run(self.batches, progress="calibrate" if self.progress else None)
         self.learned_used, self.learned_ignored = 0, []
         for group in groups.values():
             record = group.record

@@ -136,16 +136,19 @@ class LayerStream:
         return args[0]  # output: its argument, as the interpreter returns it
 
     def run(self, windows: Sequence[torch.Tensor | tuple], visit: Visit | None = None, targets: set[torch.fx.Node] | None = None,
-            keep_outputs: bool = False, progress: str | None = None) -> list | None:
+            keep_outputs: bool = False, progress: str | None = None,
+            after_stage: Callable[[int], None] | None = None) -> list | None:
         """Run every window (a tensor, or a tuple of the graph's inputs) through the graph, stage by
         stage, under the caller's grad mode. `visit(node, value)` is called for each node of `targets`
         (every node when None), per node in window order. With `keep_outputs`, the graph's output value
-        of each window (else nothing is kept: the logits of many windows are large)."""
+        of each window (else nothing is kept: the logits of many windows are large). `after_stage(i)`
+        runs once every window has been through stage i (`stage_of` says which stage a node is in):
+        what later stages read of stage i is computed by then, so stage i's weights may change."""
         envs: list[dict] = [{} for _ in windows]
         pending = [list(w) if isinstance(w, (tuple, list)) else [w] for w in windows]  # placeholder values, in order
         outputs: list = [None] * len(windows)
         bar = tqdm(total=len(self.stages) * len(windows), desc=progress, unit="window", disable=progress is None, leave=False)
-        for nodes in self.stages:
+        for stage, nodes in enumerate(self.stages):
             cache: dict = {}
             for index, env in enumerate(envs):
                 for node in nodes:
@@ -161,6 +164,8 @@ class LayerStream:
                         env.pop(done, None)
                 bar.update()
             del cache
+            if after_stage is not None:
+                after_stage(stage)
             release_freed_memory()
         bar.close()
         return outputs if keep_outputs else None
