@@ -310,6 +310,7 @@ class LearnEncodings(GraphPass):
             p.requires_grad_(False)
         self.sites = insert_stage_one_quantizers(gm, self.plan, config.optimize, self.legalize, config.simulate,
                                                  smoothed_inputs=config.learn_smoothing)
+        self._stream = LayerStream(gm)
         try:
             checkpoint = self._load_checkpoint(gm) if config.resume else None
             if checkpoint is None:
@@ -346,7 +347,10 @@ class LearnEncodings(GraphPass):
                 self._set_enabled(True)
         for module in activation_modules:
             module.record_error = use_local
-        logits = logits_of(gm(window)).float()
+        # stage by stage under activation checkpointing: backward recomputes one layer at a time
+        # (LayerStream.forward); the quantizers keep `record_error` until backward is done, so the
+        # recomputed forward is the one that ran
+        logits = logits_of(self._stream.forward(window)).float()
         if target is None:
             task = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), window[:, 1:].reshape(-1))
         else:
@@ -355,9 +359,11 @@ class LearnEncodings(GraphPass):
         local = torch.zeros(())
         if use_local:
             local = sum((m.last_error for m in activation_modules if m.last_error is not None), local)
-            for module in activation_modules:
-                module.record_error, module.last_error = False, None
         return task, local
+
+    def _stop_recording(self) -> None:
+        for site in self.sites:
+            site.module.record_error, site.module.last_error = False, None
 
     def _set_enabled(self, enabled: bool) -> None:
         for site in self.sites:
@@ -406,6 +412,7 @@ class LearnEncodings(GraphPass):
                 for window in self._windows(step):
                     task, local = self._losses(gm, window, use_local)
                     ((task + config.local_weight * local) / config.batch).backward()
+                    self._stop_recording()
                     totals += torch.tensor([float(task.detach()), float(local.detach())], dtype=torch.float64) / config.batch
                     release_freed_memory()
                 grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in trainable]
@@ -446,7 +453,7 @@ class LearnEncodings(GraphPass):
             for _ in range(2):
                 began = time.perf_counter()
                 for window in windows:
-                    logits = logits_of(gm(window)).float()
+                    logits = logits_of(self._stream.forward(window)).float()
                     loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), window[:, 1:].reshape(-1))
                     (loss / self.config.batch).backward()
                 times.append(time.perf_counter() - began)

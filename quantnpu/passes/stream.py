@@ -68,6 +68,7 @@ class LayerStream:
 
     def __init__(self, gm: torch.fx.GraphModule, baked: bool = False) -> None:
         self.gm, self.baked = gm, baked
+        self.placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self.weight_side: set[torch.fx.Node] = input_independent_nodes(gm) | {n for n in gm.graph.nodes if n.op == "get_attr"}
         self.stage_of = self._assign_stages()
         count = max(self.stage_of.values(), default=0) + 1
@@ -77,6 +78,15 @@ class LayerStream:
         self.stages: list[list[torch.fx.Node]] = [[] for _ in range(count)]
         for node in order:
             self.stages[self.stage_of[node]].append(node)
+        # the values a stage reads from earlier stages, and those it hands to later ones (for `forward`)
+        self.stage_inputs: list[list[torch.fx.Node]] = [[] for _ in range(count)]
+        self.stage_outputs: list[list[torch.fx.Node]] = [[] for _ in range(count)]
+        for node in order:
+            later = sorted({self.stage_of[u] for u in node.users if u in self.stage_of and self.stage_of[u] > self.stage_of[node]})
+            if later:
+                self.stage_outputs[self.stage_of[node]].append(node)
+                for stage in later:
+                    self.stage_inputs[stage].append(node)
         # the last node (in execution order) that reads each value: after it runs, the value is dropped
         step = {node: i for i, node in enumerate(order)}
         self.last_reader: dict[torch.fx.Node, list[torch.fx.Node]] = {}
@@ -120,12 +130,21 @@ class LayerStream:
         cache[node] = value
         return value
 
-    def _execute(self, node: torch.fx.Node, env: dict, cache: dict, inputs: list) -> object:
+    def _inputs(self, window: torch.Tensor | tuple | list) -> dict[torch.fx.Node, object]:
+        """The graph's placeholders bound to one window's values (a tensor, or a tuple in their order)."""
+        values = list(window) if isinstance(window, (tuple, list)) else [window]
+        if len(values) != len(self.placeholders):
+            from quantnpu.errors import QuantNpuError
+
+            raise QuantNpuError(f"the graph takes {len(self.placeholders)} inputs, a window gave {len(values)}")
+        return dict(zip(self.placeholders, values))
+
+    def _execute(self, node: torch.fx.Node, env: dict, cache: dict, inputs: dict) -> object:
         def value(n: torch.fx.Node):
             return self._weight(n, cache) if n in self.weight_side else env[n]
 
         if node.op == "placeholder":
-            return inputs.pop(0)
+            return inputs[node]
         args, kwargs = map_arg(node.args, value), map_arg(node.kwargs, value)
         if node.op == "call_function":
             return node.target(*args, **kwargs)
@@ -145,14 +164,14 @@ class LayerStream:
         runs once every window has been through stage i (`stage_of` says which stage a node is in):
         what later stages read of stage i is computed by then, so stage i's weights may change."""
         envs: list[dict] = [{} for _ in windows]
-        pending = [list(w) if isinstance(w, (tuple, list)) else [w] for w in windows]  # placeholder values, in order
+        bound = [self._inputs(w) for w in windows]
         outputs: list = [None] * len(windows)
         bar = tqdm(total=len(self.stages) * len(windows), desc=progress, unit="window", disable=progress is None, leave=False)
         for stage, nodes in enumerate(self.stages):
             cache: dict = {}
             for index, env in enumerate(envs):
                 for node in nodes:
-                    result = self._execute(node, env, cache, pending[index])
+                    result = self._execute(node, env, cache, bound[index])
                     if node.op == "output":
                         if keep_outputs:
                             outputs[index] = result
@@ -169,3 +188,47 @@ class LayerStream:
             release_freed_memory()
         bar.close()
         return outputs if keep_outputs else None
+
+    # -- training ------------------------------------------------------------------------------
+
+    def _run_stage(self, stage: int, inputs: dict, *crossing) -> tuple:
+        """Stage `stage` for one window: the values it reads from earlier stages (`crossing`, in
+        `stage_inputs` order) in, the values later stages read (and, last, the graph's output) out."""
+        env = dict(zip(self.stage_inputs[stage], crossing))
+        cache: dict = {}
+        output = None
+        for node in self.stages[stage]:
+            result = self._execute(node, env, cache, inputs)
+            if node.op == "output":
+                output = result
+            else:
+                env[node] = result
+            for done in self.last_reader.get(node, ()):
+                if done not in self.stage_outputs[stage]:
+                    env.pop(done, None)
+        return tuple(env[n] for n in self.stage_outputs[stage]) + (output,)
+
+    def forward(self, *inputs: torch.Tensor, checkpoint: bool = True) -> object:
+        """One window (the graph's inputs) through the graph, as `gm(*inputs)` computes it, for
+        training: with `checkpoint`, each stage runs under torch.utils.checkpoint (non-reentrant), so
+        backward keeps only the values that cross stages and recomputes one stage's activations (its
+        weight expressions included: R1 W^T is not held for every layer at once) when it reaches it.
+        The autograd graph is the plain forward's, so gradients are the same. A module whose forward
+        depends on mutable state must have the same state when backward recomputes its stage."""
+        import torch.utils.checkpoint
+
+        bound = self._inputs(inputs)
+        env: dict = {}
+        output = None
+        for stage in range(len(self.stages)):
+            crossing = [env[n] for n in self.stage_inputs[stage]]
+            if checkpoint:
+                results = torch.utils.checkpoint.checkpoint(self._run_stage, stage, bound, *crossing, use_reentrant=False)
+            else:
+                results = self._run_stage(stage, bound, *crossing)
+            *handed, output = results
+            env.update(zip(self.stage_outputs[stage], handed))
+            needed = {n for later in self.stage_inputs[stage + 1:] for n in later}
+            for node in [n for n in env if n not in needed]:
+                del env[node]
+        return output
