@@ -109,8 +109,14 @@ class LayerStream:
                 stage[node] = info.layer
             else:
                 stage[node] = min(readers, default=last)
-        if any(stage[i] > stage[n] for n in nodes for i in n.all_input_nodes if i in stage):
-            return dict.fromkeys(nodes, 0)  # layers out of sequence: one stage, the whole graph
+        backwards = next(((i, n) for n in nodes for i in n.all_input_nodes if i in stage and stage[i] > stage[n]), None)
+        if backwards is not None:  # layers out of sequence: one stage, the whole graph (exact, not bounded)
+            from quantnpu.diagnostics import warn
+
+            warn(f"%{backwards[1].name} (layer stage {stage[backwards[1]]}) reads %{backwards[0].name} of a later layer "
+                 f"(stage {stage[backwards[0]]}): the windows run through the whole graph at once, so memory is bounded "
+                 "by the model, not by a layer")
+            return dict.fromkeys(nodes, 0)
         return stage
 
     # -- running -------------------------------------------------------------------------------

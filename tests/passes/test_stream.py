@@ -104,3 +104,20 @@ def test_checkpointed_forward_gives_the_plain_forwards_loss_and_gradients_bit_fo
         loss, grads = loss_and_grads(lambda w: stream.forward(w, checkpoint=checkpoint))
         assert torch.equal(loss, plain_loss)
         assert all(torch.equal(a, b) for a, b in zip(grads, plain_grads))
+
+
+def test_layers_out_of_sequence_run_as_one_stage_with_a_warning():
+    from quantnpu.diagnostics import QuantNpuWarning
+    from quantnpu.graph.meta import NodeInfo, node_info, set_node_info
+
+    gm = PassManager(float_passes("none"), stop_after="AnnotateRoles", verify=False).run(
+        export_causal_lm(tiny_model("llama", layers=2), 16).module())
+    # relabel layer 0's q_proj as layer 1's: layer 0's attention then reads a later layer's value
+    q_proj = next(n for n in gm.graph.nodes if node_info(n) is not None and node_info(n).role == "layers.0.q_proj")
+    set_node_info(q_proj, NodeInfo("layers.1.q_proj_relabelled", "q_proj", 1))
+    with pytest.warns(QuantNpuWarning, match=r"reads %.* of a later layer .*bounded by the model"):
+        stream = LayerStream(gm)
+    assert stream.stage_names == ["graph"]
+    window = sample_token_ids(gm, 0)
+    with torch.no_grad():
+        assert torch.equal(logits_of(stream.run([window], keep_outputs=True)[0]), logits_of(gm(window)))
