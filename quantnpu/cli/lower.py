@@ -10,7 +10,6 @@ lowering, evaluation, agreement, record.
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -488,16 +487,29 @@ def quantnpu_record(job: LowerJob, passes, quantized) -> dict:
     return extra
 
 
-def evaluate(job: LowerJob, loaded: Loaded, float_gm, quantized, pte_path: Path, stages: Stages) -> dict:
-    """Perplexity of the input graph, the Q/DQ graph and the .pte on the same windows; prints the table."""
+def evaluation_windows(job: LowerJob, loaded: Loaded):
     from quantnpu.models.corpus import windows_for
+
+    return windows_for(loaded.tokenizer, job.eval_text, "evaluation", loaded.seq_len, job.eval_windows)
+
+
+def evaluate_float(job: LowerJob, loaded: Loaded, stages: Stages):
+    """The input graph's perplexity, measured before the passes rewrite it (no copy of the model kept for it)."""
+    from quantnpu.runtime_harness.perplexity import perplexity
+
+    windows = evaluation_windows(job, loaded)
+    return stages.run("eval float", lambda: perplexity(loaded.gm, windows, "float graph", not job.quiet))
+
+
+def evaluate(job: LowerJob, loaded: Loaded, float_result, quantized, pte_path: Path, stages: Stages) -> dict:
+    """Perplexity of the Q/DQ graph and the .pte on the float graph's windows; prints the table."""
     from quantnpu.runtime_harness.perplexity import perplexity
     from quantnpu.runtime_harness.pte import PteModel
 
-    windows = windows_for(loaded.tokenizer, job.eval_text, "evaluation", loaded.seq_len, job.eval_windows)
+    windows = evaluation_windows(job, loaded)
     progress = not job.quiet
     results = {
-        "float_graph": stages.run("eval float", lambda: perplexity(float_gm, windows, "float graph", progress)),
+        "float_graph": float_result,
         "fake_quant": stages.run("eval fake-quant", lambda: perplexity(quantized, windows, "Q/DQ graph", progress)),
         "pte_htp_simulator": stages.run("eval .pte", lambda: perplexity(PteModel(pte_path), windows, ".pte on HTP simulator", progress)),
     }
@@ -525,7 +537,8 @@ def lower(job: LowerJob) -> int:
     loaded = load(job, stages)
     sdk = qnn_sdk.activate(qnn_sdk.prepare_qnn_sdk())
     batches = calibration_batches(job, loaded)
-    float_gm = copy.deepcopy(loaded.gm) if job.evaluate else None  # the input graph: the float reference
+    # the input graph's perplexity now, before the passes rewrite it in place (no copy of the model)
+    float_result = evaluate_float(job, loaded, stages) if job.evaluate and not job.stop_after and not rank else None
     passes, manager, quantized = run_passes(job, loaded.gm, batches, stages, rank)
     if rank:
         return 0
@@ -557,7 +570,7 @@ def lower(job: LowerJob) -> int:
     }
     results = None
     if job.evaluate:
-        results = evaluate(job, loaded, float_gm, quantized, lowered.pte_path, stages)
+        results = evaluate(job, loaded, float_result, quantized, lowered.pte_path, stages)
         record["evaluation"] = {"text": job.eval_text or "brown evaluation split", "windows": job.eval_windows,
                                 **{k: v.as_dict() for k, v in results.items()}}
     agreement = None

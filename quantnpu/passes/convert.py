@@ -37,7 +37,7 @@ class ConvertToQdq(GraphPass):
         from quantnpu.quantizers.quantnpu_quantizer import quantize_with_encodings
 
         table = encodings_by_tensor(gm)
-        converted = quantize_with_encodings(gm, self.soc)
+        converted = quantize_with_encodings(gm, self.soc, in_place=True)  # the fake-quant graph is consumed
         converted.meta[ENCODINGS_META] = table
         return PassResult(converted, True)
 

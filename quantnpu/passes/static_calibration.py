@@ -120,7 +120,7 @@ class StaticCalibration(GraphPass):
                         edge_cache[key] = widened(group.module.encoding, bits)
                 encodings.append((name, edge_cache[key]))
             update_tensor_quant(node, input_encodings=tuple(encodings))
-        fake_quant = prepare_pt2e(strip_observers(gm), QuantNpuQuantizer(self.soc))
+        fake_quant = prepare_pt2e(strip_observers(gm, in_place=True), QuantNpuQuantizer(self.soc))
         return PassResult(fake_quant, True)
 
     def _learned(self, learned: set[Encoding], bits: int, where: str) -> Encoding | None:

@@ -185,12 +185,14 @@ class QuantNpuQuantizer(Quantizer):
         return self._specs[key]
 
 
-def strip_observers(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """A copy of `gm` without observer nodes or PT2E annotations: the float graph, with every
-    tensor's encoding still on its node. (Derived bias observers go too.)"""
+def strip_observers(gm: torch.fx.GraphModule, in_place: bool = False) -> torch.fx.GraphModule:
+    """`gm` without observer nodes or PT2E annotations: the float graph, with every tensor's encoding
+    still on its node. (Derived bias observers go too.) A copy, unless `in_place` (a pass that owns
+    the graph: no second copy of the weights)."""
     from torchao.quantization.pt2e.observer import ObserverBase
 
-    gm = copy.deepcopy(gm)
+    if not in_place:
+        gm = copy.deepcopy(gm)
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and isinstance(gm.get_submodule(node.target), ObserverBase):
             node.replace_all_uses_with(node.args[0])
@@ -203,11 +205,12 @@ def strip_observers(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return gm
 
 
-def quantize_with_encodings(gm: torch.fx.GraphModule, soc: str = "SM8650") -> torch.fx.GraphModule:
+def quantize_with_encodings(gm: torch.fx.GraphModule, soc: str = "SM8650", in_place: bool = False) -> torch.fx.GraphModule:
     """The converted (Q/DQ) graph carrying exactly the encodings recorded in `gm`'s node meta.
-    `gm` may still hold calibrated observers (they are stripped from a copy first)."""
+    `gm` may still hold calibrated observers (they are stripped first: from a copy, unless
+    `in_place`, which consumes `gm`)."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    float_graph = strip_observers(gm)
+    float_graph = strip_observers(gm, in_place)
     prepared = prepare_pt2e(float_graph, QuantNpuQuantizer(soc))
     return convert_pt2e(prepared)
