@@ -540,6 +540,7 @@ def lower(job: LowerJob) -> int:
     # the input graph's perplexity now, before the passes rewrite it in place (no copy of the model)
     float_result = evaluate_float(job, loaded, stages) if job.evaluate and not job.stop_after and not rank else None
     passes, manager, quantized = run_passes(job, loaded.gm, batches, stages, rank)
+    loaded.gm = None  # the passes rewrote it into `quantized`; what they replaced is freed with it
     if rank:
         return 0
     if not job.quiet:

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from quantnpu.passes.base import GraphPass, PassResult
 from quantnpu.passes.round_weights import RoundWeightsGptq
 from quantnpu.passes.static_calibration import StaticCalibration, encodings_by_tensor
+from quantnpu.passes.weights import drop_unused_tensors
 
 ENCODINGS_META = "quantnpu_encodings"
 
@@ -38,6 +39,8 @@ class ConvertToQdq(GraphPass):
 
         table = encodings_by_tensor(gm)
         converted = quantize_with_encodings(gm, self.soc, in_place=True)  # the fake-quant graph is consumed
+        # conversion leaves each float weight beside the quantized constant that replaced it: free it
+        drop_unused_tensors(converted)
         converted.meta[ENCODINGS_META] = table
         return PassResult(converted, True)
 

@@ -38,3 +38,24 @@ def add_weight(gm: torch.fx.GraphModule, name: str, value: torch.Tensor) -> str:
 
 def same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def drop_unused_tensors(gm: torch.fx.GraphModule) -> int:
+    """Delete the parameters and buffers that nothing in the graph reads (no get_attr of them or of a
+    module holding them, no call_module of their module): e.g. the float weights PT2E's conversion
+    leaves beside the quantized constants that replaced them. Returns the bytes dropped."""
+    read = {n.target for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
+
+    def is_read(name: str) -> bool:
+        return name in read or any(name.startswith(target + ".") for target in read)
+
+    dropped = 0
+    for name, tensor in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
+        if is_read(name):
+            continue
+        owner_path, _, attr = name.rpartition(".")
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        if attr in owner._parameters or attr in owner._buffers:
+            delattr(owner, attr)
+            dropped += tensor.numel() * tensor.element_size()
+    return dropped
