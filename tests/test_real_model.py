@@ -1,5 +1,6 @@
 """Real SmolLM2-135M end-to-end checks: minutes each, so marked `slow` (`make test-slow`)."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -62,12 +63,40 @@ def test_rotated_graph_keeps_logits_and_perplexity(program, windows):
     assert abs(p_rotated.ppl - p_plain.ppl) / p_plain.ppl < 1e-3
 
 
+EXPECTED = ROOT / "tests" / "expected" / "real_model.json"
+
+
+def _recipe_for_comparison(recipe: dict) -> dict:
+    """The run's recipe without its name and what only says where or how often it checkpointed."""
+    stage_one = {k: v for k, v in (recipe.get("stage_one") or {}).items() if k not in ("checkpoint", "checkpoint_every", "resume")}
+    return {**{k: v for k, v in recipe.items() if k != "name"}, "stage_one": stage_one}
+
+
+def check_against_recorded(record: dict, expected: dict) -> None:
+    """A run record of the main job against the recorded one: the same recipe (else the values must
+    be measured again, see the file's note), the float perplexity to 1e-4 (it is deterministic),
+    the fake-quant and .pte perplexities within `expected["tolerance"]` (relative)."""
+    assert _recipe_for_comparison(record["recipe"]) == expected["recipe"], (
+        f"the shipped recipe differs from the one {EXPECTED.name} was measured with: measure again ({expected['note']})")
+    evaluation = record["evaluation"]
+    assert evaluation["windows"] == expected["eval_windows"] and record["calibration"]["windows"] == expected["calib_windows"]
+    assert evaluation["float_graph"]["ppl"] == pytest.approx(expected["ppl"]["float_graph"], rel=1e-4)
+    for name in ("fake_quant", "pte_htp_simulator"):
+        assert evaluation[name]["ppl"] == pytest.approx(expected["ppl"][name], rel=expected["tolerance"]), name
+
+
 def test_main_job_on_the_real_model(program, tmp_path):
+    """tools/lower.py with the shipped recipe on SmolLM2-135M (4 calibration windows, 1 evaluation
+    window): the float, fake-quant and .pte perplexities are the recorded run's
+    (tests/expected/real_model.json)."""
+    expected = json.loads(EXPECTED.read_text())
     pt2 = save_pt2(program, tmp_path / "smollm2.pt2")
+    output = tmp_path / "smollm2.pte"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "lower.py"), str(pt2), "--eval", "--eval-windows", "1", "--calib-windows", "4", "-q"],
+        [sys.executable, str(ROOT / "tools" / "lower.py"), str(pt2), "-o", str(output),
+         "--eval", "--eval-windows", str(expected["eval_windows"]), "--calib-windows", str(expected["calib_windows"]), "-q"],
         capture_output=True, text=True, timeout=1800,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    ppl = float(result.stdout.strip().splitlines()[-1].split(":")[-1])
-    assert 1 < ppl < 1000, result.stdout  # a working 16a8w SmolLM2 (float is ~60-90 on one window)
+    print(result.stdout)
+    check_against_recorded(json.loads(output.with_suffix(".json").read_text()), expected)
