@@ -43,6 +43,7 @@ from quantnpu.passes.base import GraphPass, PassResult
 from quantnpu.passes.fold_constants import evaluate_nodes
 from quantnpu.passes.folded import SMOOTH_PREFIX, is_rotation_target, is_smoothing_target
 from quantnpu.passes.fuse_rotations import FuseRotations, WeightOps
+from quantnpu.passes.insert_observers import residual_stream_rotated, weight_is_rotated
 from quantnpu.passes.plan_bit_widths import linear_bits
 from quantnpu.passes.stream import LayerStream
 from quantnpu.passes.weights import add_weight, weight_tensor
@@ -187,19 +188,28 @@ class SmoothUnrotatedInputs(GraphPass):
             raise QuantNpuError("smoothing needs calibration batches")
         dims = DecoderDims(gm)
         pairs = _smoothed_pairs(gm, self.config.targets)
-        maxima, samples = self._observe(gm, pairs)
-        input_max = {c: maxima[(c, "input")] for _, c, _ in pairs}
-        rotated = any(n.op == "get_attr" and is_rotation_target(n.target) for n in gm.graph.nodes)
+        stream_rotated = residual_stream_rotated(gm)
         candidates, errors = {}, {}
-        for producer, consumer, kind in tqdm(pairs, desc="smoothing factors", unit="linear", disable=not self.progress):
-            weight = current_weight(gm, consumer)
-            x_max, w_max = input_max[consumer], weight.abs().amax(0)
-            if kind == "o_proj":  # one factor per KV channel: the max over the query heads reading it
-                x_max, w_max = (self._per_kv_channel(v, dims) for v in (x_max, w_max))
-            candidates[consumer] = self._candidates(x_max, w_max)
-            if self._choice == "search":
-                errors[consumer] = {alpha: self._output_error(consumer, kind, weight, samples, maxima, s, dims, rotated)
-                                    for alpha, s in candidates[consumer].items()}
+        bar = tqdm(total=len(pairs), desc="smoothing factors", unit="linear", disable=not self.progress)
+
+        def choose(done: list, maxima: dict, samples: dict) -> None:
+            """The candidate factors (and the search's errors) of the pairs whose statistics are complete."""
+            for producer, consumer, kind in done:
+                weight = current_weight(gm, consumer)
+                x_max, w_max = maxima[(consumer, "input")], weight.abs().amax(0)
+                if kind == "o_proj":  # one factor per KV channel: the max over the query heads reading it
+                    x_max, w_max = (self._per_kv_channel(v, dims) for v in (x_max, w_max))
+                candidates[consumer] = self._candidates(x_max, w_max)
+                if self._choice == "search":
+                    rotated = weight_is_rotated(node_info(consumer), stream_rotated)
+                    rows = {key: torch.cat(samples.pop(key)) for key in [k for k in samples if k[0] is consumer]}
+                    errors[consumer] = {alpha: self._output_error(consumer, kind, weight, rows, maxima, s, dims, rotated)
+                                        for alpha, s in candidates[consumer].items()}
+                bar.update()
+
+        maxima = self._observe(gm, pairs, choose)
+        bar.close()
+        input_max = {c: maxima[(c, "input")] for _, c, _ in pairs}
         if self._choice == "search":
             chosen = {c: min(e, key=e.get) for c, e in errors.items()}
         else:
@@ -221,11 +231,13 @@ class SmoothUnrotatedInputs(GraphPass):
 
     # -- statistics ------------------------------------------------------------------------------
 
-    def _observe(self, gm, pairs) -> tuple[dict, dict]:
+    def _observe(self, gm, pairs, choose) -> dict:
         """Per-channel max |x| over the calibration windows of each consumer's input ("input") and
         each producer's output ("producer"), keyed (consumer, what); for the search also an evenly
         strided sample of their rows, the same rows of each, and of the gate activation ("gate")
-        that multiplies up_proj's output."""
+        that multiplies up_proj's output. The windows stream layer by layer; once every window has been
+        through a pair's layer, `choose(pairs, maxima, samples)` takes its statistics (and drops its
+        samples: one layer's rows at a time). Returns the maxima."""
         # the activations of the baked model, one layer at a time (no baked copy of the weights)
         measured = LayerStream(gm, baked=True)
         by_name = {n.name: n for n in gm.graph.nodes}
@@ -253,9 +265,13 @@ class SmoothUnrotatedInputs(GraphPass):
                     rows = value.detach().reshape(-1, value.shape[-1])
                     samples.setdefault(key, []).append(rows[:: max(1, rows.shape[0] // per_window)][:per_window].float().clone())
 
+        due: dict[int, list] = {}
+        for pair in pairs:
+            due.setdefault(measured.stage_of[pair[1]], []).append(pair)
         with torch.no_grad():
-            measured.run(self.calibration, visit, targets=set(watched), progress="smoothing statistics" if self.progress else None)
-        return maxima, {key: torch.cat(rows) for key, rows in samples.items()}
+            measured.run(self.calibration, visit, targets=set(watched), progress="smoothing statistics" if self.progress else None,
+                         after_stage=lambda stage: choose(due.get(stage, []), maxima, samples))
+        return maxima
 
     # -- factors ---------------------------------------------------------------------------------
 
