@@ -116,3 +116,63 @@ def test_quantnpu_pte_agrees_with_its_fake_quant_graph(tiny_quantnpu):
     device_error = ((device - reference).abs().max() / reference.abs().max()).item()
     quantization_error = ((reference - float_logits).abs().max() / float_logits.abs().max()).item()
     assert device_error < 0.03, (device_error, quantization_error)
+
+
+def _delegate_calls(pte_path):
+    """(input value dtypes, output value dtypes) of each instruction of the `.pte`'s forward plan,
+    None for an instruction that is not a delegate call."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    program = deserialize_pte_binary(pte_path.read_bytes())
+    plan = getattr(program, "program", program).execution_plan[0]
+    return [[plan.values[i].val.scalar_type for i in ins.instr_args.args]
+            if type(ins.instr_args).__name__ == "DelegateCall" else None
+            for ins in plan.chains[0].instructions]
+
+
+def test_two_shards_lower_to_two_delegates_that_compute_the_unsharded_outputs(tiny_quantnpu):
+    """Split by layer, each shard its own QNN context: nothing runs on the CPU between them, the
+    tensor one hands to the next is the residual stream as integers at its encoding, and the
+    simulator's logits are the unsharded program's, bit for bit."""
+    from quantnpu.lowering.sharding import SHARD_KEY
+
+    _, _, quantized, directory = tiny_quantnpu
+    x = torch.randint(0, 128, (1, SEQ), generator=torch.Generator().manual_seed(7))
+    whole = lower_to_qnn(quantized, (x,), directory / "whole.pte")
+    split = lower_to_qnn(quantized, (x,), directory / "two_shards.pte", shards=2)
+    assert whole.delegates == 1 and whole.shards.shards == 1
+    assert split.delegates == 2 and split.outside_delegates == [] and len(split.context_bytes) == 2
+    assert split.shards.first_layers == (0, 1)
+    assert len(split.boundaries) == 1 and split.boundaries[0].split()[1].startswith(("uint8[", "uint16["))
+    calls = _delegate_calls(split.pte_path)
+    assert all(c is not None for c in calls) and len(calls) == 2  # two delegate calls and nothing else
+    from executorch.exir.scalar_type import ScalarType
+
+    handed_over = calls[0][-1]
+    assert handed_over in (ScalarType.BYTE, ScalarType.UINT16) and calls[1][0] == handed_over
+    assert not any(SHARD_KEY in (n.meta.get("custom") or {}) for n in quantized.graph.nodes)  # meta as it was
+    one, two = PteModel(whole.pte_path), PteModel(split.pte_path)
+    for seed in range(3):
+        ids = torch.randint(0, 128, (1, SEQ), generator=torch.Generator().manual_seed(200 + seed))
+        assert torch.equal(one(ids), two(ids))
+
+
+def test_shard_plan_balances_weight_bytes_and_keeps_each_context_under_the_limit(tiny_quantnpu):
+    from quantnpu.errors import QuantNpuError
+    from quantnpu.lowering.sharding import plan_shards
+
+    _, _, quantized, _ = tiny_quantnpu
+    whole = plan_shards(quantized)
+    assert whole.shards == 1 and whole.layers == 2
+    limit = whole.weight_bytes[0] - 1
+    auto = plan_shards(quantized, context_limit_bytes=limit)
+    assert auto.shards == 2 and max(auto.weight_bytes) <= limit and sum(auto.weight_bytes) == whole.weight_bytes[0]
+    assert auto.node_shard == plan_shards(quantized, 2).node_shard
+    # the embedding goes with the first layer, the lm_head with the last
+    embedding = next(n for n in quantized.graph.nodes if "embedding" in str(n.target))
+    lm_head = [n for n in quantized.graph.nodes if "linear" in str(n.target)][-1]
+    assert auto.node_shard[embedding.name] == 0 and auto.node_shard[lm_head.name] == 1
+    with pytest.raises(QuantNpuError, match="over the per-context limit"):
+        plan_shards(quantized, context_limit_bytes=1000)
+    with pytest.raises(QuantNpuError, match="2 layers into 3 shards"):
+        plan_shards(quantized, 3)
