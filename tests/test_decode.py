@@ -1,0 +1,251 @@
+"""Two graphs from one decoder (quantnpu.graph.decode): a prefill writing the KV cache and a decode
+step reading it, derived by rewriting the recognized full-sequence graph. In float they compute the
+full-sequence graph's logits at every position, for every supported family and every graph form
+the pipeline has before quantization; what the rewrite does not understand is an error naming
+the node."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+from quantnpu.errors import GraphStructureError
+from quantnpu.graph.decode import KvCacheRunner, derive_decode, derive_prefill
+from quantnpu.graph.equivalence import as_float64, sample_token_ids
+from quantnpu.graph.ops import insert_call
+from quantnpu.graph.text import graph_text
+from quantnpu.models.export import export_causal_lm
+from quantnpu.models.tiny import FAMILIES, tiny_model
+from quantnpu.passes import AnnotateRoles, Canonicalize, FoldConstants, PassManager, PrepareForQnn
+from quantnpu.pipeline import float_passes
+from tests.graph_testing import relative_max
+
+aten = torch.ops.aten
+SEQ = 12
+
+
+def _front(family: str, seq_len: int = SEQ, use_cache=False, passes=None, float64: bool = True, layers: int = 2):
+    """A tiny family's exported graph after the recognizing passes (or `passes`), in float64."""
+    gm = export_causal_lm(tiny_model(family, layers=layers), seq_len, use_cache=use_cache).module()
+    if float64:
+        gm = as_float64(gm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # R1 skipped on the Gemmas: not what this file tests
+        return PassManager(passes if passes is not None else [Canonicalize(), FoldConstants(), AnnotateRoles()]).run(gm)
+
+
+def _cached_logits(gm, ids: torch.Tensor, prompt: int, prefill_tokens: int, cache_slots: int, chunk: int = 1):
+    """Prefill the first `prompt` tokens (padded to `prefill_tokens`), then the rest `chunk` at a time."""
+    runner = KvCacheRunner(derive_prefill(gm, prefill_tokens), derive_decode(gm, cache_slots, chunk))
+    pieces = [runner.prefill(ids[:, :prompt])]
+    for start in range(prompt, ids.shape[1], chunk):
+        pieces.append(runner.step(ids[:, start:start + chunk]))
+    return torch.cat(pieces, 1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefill_then_decode_gives_the_full_sequence_logits(family):
+    gm = _front(family)
+    ids = sample_token_ids(gm, seed=1)
+    full = gm(ids)
+    # a prompt shorter than the prefill (3 of 8: padded), then 9 decode steps into a cache of 11
+    # slots that fills as it goes; the last step attends to a full cache
+    short = _cached_logits(gm, ids, prompt=3, prefill_tokens=8, cache_slots=SEQ - 1)
+    # a prompt that fills the prefill exactly
+    exact = _cached_logits(gm, ids, prompt=8, prefill_tokens=8, cache_slots=SEQ - 1)
+    print(f"{family}: max relative difference {relative_max(short, full):.2e} (3-token prompt), "
+          f"{relative_max(exact, full):.2e} (8-token prompt)")
+    assert relative_max(short, full) < 1e-5
+    assert relative_max(exact, full) < 1e-5
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "et-llama"])
+def test_decode_in_chunks_and_after_a_one_token_prompt(family):
+    gm = _front(family)
+    ids = sample_token_ids(gm, seed=2)
+    full = gm(ids)
+    chunks = _cached_logits(gm, ids, prompt=4, prefill_tokens=4, cache_slots=SEQ - 2, chunk=2)  # chunked prefill
+    single = _cached_logits(gm, ids, prompt=1, prefill_tokens=6, cache_slots=SEQ - 1)
+    assert relative_max(chunks, full) < 1e-5
+    assert relative_max(single, full) < 1e-5
+
+
+@pytest.mark.parametrize("form", ["default-export", "rotated", "prepared-for-qnn"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "et-llama"])
+def test_every_graph_form_before_quantization(family, form):
+    """The user's default export (cache artefacts), the graph after R1/R2 are fused and baked, and
+    the graph QNN's quantizer annotates (SDPA decomposed, the attention scale split over q and k,
+    the mask a where with -255): the same rewrite, the same logits."""
+    passes = {"default-export": None, "rotated": float_passes("hadamard"),
+              "prepared-for-qnn": float_passes("hadamard") + [PrepareForQnn()]}[form]
+    gm = _front(family, use_cache=None if form == "default-export" else False, passes=passes)
+    ids = sample_token_ids(gm, seed=3)
+    cached = _cached_logits(gm, ids, prompt=5, prefill_tokens=8, cache_slots=SEQ - 1)
+    assert relative_max(cached, gm(ids)) < 1e-5
+    decode = derive_decode(gm, SEQ - 1)
+    assert decode.mask_value == (-255.0 if form == "prepared-for-qnn" else decode.mask_value)
+
+
+def test_float32_graphs_agree_within_float32_rounding():
+    gm = _front("llama", float64=False)
+    ids = sample_token_ids(gm, seed=4)
+    cached = _cached_logits(gm, ids, prompt=5, prefill_tokens=8, cache_slots=SEQ - 1)
+    assert cached.dtype == torch.float32
+    assert relative_max(cached, gm(ids)) < 1e-5
+
+
+def test_token_count_equal_to_head_dim():
+    """16 tokens and head_dim 16: the token axis is found by propagation, not by its size."""
+    gm = _front("llama", seq_len=16)
+    ids = sample_token_ids(gm, seed=5)
+    cached = _cached_logits(gm, ids, prompt=10, prefill_tokens=16, cache_slots=15)  # P = head_dim = 16
+    assert relative_max(cached, gm(ids)) < 1e-5
+    gm = _front("et-llama", seq_len=16)  # RoPE in [B, T, H, D] layout, tables [T, 1, D]
+    cached = _cached_logits(gm, ids, prompt=7, prefill_tokens=16, cache_slots=15)
+    assert relative_max(cached, gm(ids)) < 1e-5
+
+
+def test_prefill_of_the_whole_sequence_is_the_source_graph_plus_the_cache():
+    gm = _front("qwen2", float64=False)
+    ids = sample_token_ids(gm, seed=6)
+    prefill = derive_prefill(gm)
+    logits, *kv = prefill(ids)
+    assert torch.equal(logits, gm(ids))
+    assert [tuple(t.shape) for t in kv] == [(1, 2, SEQ, 16)] * 4 and prefill.layers == 2
+    # weights shared with the source, not copied
+    source = dict(gm.named_parameters())
+    for graph in (prefill, derive_decode(gm, 4)):
+        for name, parameter in graph.module.named_parameters():
+            assert parameter is source[name]
+
+
+def test_the_decode_graph_reads_the_cache():
+    """What the rewrite does to one layer of a tiny Llama (12 tokens -> 1 token after 7 cache slots):
+    new inputs, the RoPE tables gathered at input_pos, the cache concatenated in front of the new K
+    (after RoPE) and V, before the grouped-query repeat, sizes rewritten on the token axes only
+    (16 is head_dim, kept), the mask an input, the new K/V returned."""
+    gm = _front("llama", float64=False, layers=1)
+    decode = derive_decode(gm, cache_slots=7)
+    keep = {aten.index_select.default, aten.cat.default, aten.view.default, aten.reshape.default,
+            aten.expand.default, aten.scaled_dot_product_attention.default}
+    text = graph_text(decode.module, lambda n: n.op in ("placeholder", "output") or n.target in keep)
+    print(text)
+    assert text == """\
+%input_ids: i64[1,1] = placeholder
+%input_pos: i64[1] = placeholder
+%attention_mask: f32[1,1,1,8] = placeholder
+%k_cache_0: f32[1,2,7,16] = placeholder
+%v_cache_0: f32[1,2,7,16] = placeholder
+%view: f32[1,1,4,16] = aten.view(%linear, [1, 1, -1, 16])
+%view_1: f32[1,1,2,16] = aten.view(%linear_1, [1, 1, -1, 16])
+%view_2: f32[1,1,2,16] = aten.view(%linear_2, [1, 1, -1, 16])
+%cat_default_1: f32[1,2,8,16] = aten.cat([%v_cache_0, %transpose_2], 2)
+%index_select_default: f32[1,1,1,16] = aten.index_select(%_positions__folded_unsqueeze_14, 2, %input_pos)
+%index_select_default_1: f32[1,1,1,16] = aten.index_select(%_positions__folded_unsqueeze_15, 2, %input_pos)
+%cat_1: f32[1,4,1,16] = aten.cat([%neg, %slice_2], -1)
+%cat_2: f32[1,2,1,16] = aten.cat([%neg_1, %slice_4], -1)
+%cat_default: f32[1,2,8,16] = aten.cat([%k_cache_0, %add_5], 2)
+%expand_2: f32[1,2,2,8,16] = aten.expand(%unsqueeze_16, [1, 2, 2, 8, 16])
+%reshape: f32[1,4,8,16] = aten.reshape(%expand_2, [1, 4, 8, 16])
+%expand_3: f32[1,2,2,8,16] = aten.expand(%unsqueeze_17, [1, 2, 2, 8, 16])
+%reshape_1: f32[1,4,8,16] = aten.reshape(%expand_3, [1, 4, 8, 16])
+%scaled_dot_product_attention: f32[1,4,1,16] = aten.scaled_dot_product_attention(%add_4, %reshape, %reshape_1, %attention_mask, scale=0.25)  # role=layers.0.attention
+%reshape_2: f32[1,4,1,16] = aten.reshape(%scaled_dot_product_attention, [1, -1, 1, 16])
+%reshape_3: f32[1,1,64] = aten.reshape(%transpose_3, [1, 1, -1])
+return (%linear_7, %add_5, %transpose_2)"""
+    assert decode.cached == (("add_5", "transpose_2"),)
+    assert decode.mask_value == float("-inf")  # the source mask is boolean
+
+
+def test_runner_masks_the_slots_not_written():
+    gm = _front("llama", float64=False)
+    runner = KvCacheRunner(derive_prefill(gm, 4), derive_decode(gm, 8))
+    runner.prefill(torch.tensor([[5, 6, 7]]))
+    mask = runner.mask()
+    assert mask.shape == (1, 1, 1, 9)
+    assert mask[0, 0, 0].tolist() == [0.0] * 3 + [float("-inf")] * 5 + [0.0]
+    assert runner.k[0][:, :, 3:].abs().max() == 0  # the padding's K/V were not written
+
+
+# ---- what the rewrite refuses ------------------------------------------------------------------
+
+def _insert_after_embedding(gm, target, *args):
+    embedding = next(n for n in gm.graph.nodes if n.target == aten.embedding.default)
+    user = next(iter(embedding.users))
+    with gm.graph.inserting_after(embedding):
+        node = insert_call(gm.graph, user, target, embedding, *args)
+    embedding.replace_all_uses_with(node, delete_user_cb=lambda u: u is not node)
+    gm.recompile()
+    return node
+
+
+@pytest.mark.parametrize("target, args, message", [
+    (aten.cumsum.default, (1,), "aten.cumsum.default on token-carrying values is not understood"),
+    (aten.flip.default, ([1],), "aten.flip.default on token-carrying values is not understood"),
+    (aten.slice.Tensor, (1, 0, SEQ, 1), None),  # a whole slice of the tokens is fine
+])
+def test_an_op_across_tokens_is_refused_naming_it(target, args, message):
+    gm = _front("llama", float64=False)
+    node = _insert_after_embedding(gm, target, *args)
+    if message is None:
+        derive_decode(gm, 4)
+        return
+    with pytest.raises(GraphStructureError, match=f"node %{node.name}: {message}"):
+        derive_decode(gm, 4)
+
+
+def test_a_slice_of_the_tokens_is_refused_naming_it():
+    """What SplitLeadingTokens does (the first token through its own MLP copy) has no decode form."""
+    gm = _front("llama", float64=False)
+    node = _insert_after_embedding(gm, aten.slice.Tensor, 1, 1, SEQ)
+    pad = insert_call(gm.graph, next(iter(node.users)), aten.cat.default, [insert_call(
+        gm.graph, next(iter(node.users)), aten.slice.Tensor, node, 1, 0, 1), node], 1)
+    node.replace_all_uses_with(pad, delete_user_cb=lambda u: u not in (pad,) and u.target != aten.slice.Tensor)
+    gm.recompile()
+    with pytest.raises(GraphStructureError, match=f"node %{node.name}: slices the token axis"):
+        derive_decode(gm, 4)
+
+
+def test_a_reshape_merging_the_tokens_is_refused_naming_it():
+    gm = _front("llama", float64=False)
+    flat = _insert_after_embedding(gm, aten.view.default, [1, SEQ * 64])
+    back = insert_call(gm.graph, next(iter(flat.users)), aten.view.default, flat, [1, SEQ, 64])
+    flat.replace_all_uses_with(back, delete_user_cb=lambda u: u is not back)
+    gm.recompile()
+    with pytest.raises(GraphStructureError, match=f"node %{flat.name}: reshape merges or splits a token axis"):
+        derive_decode(gm, 4)
+
+
+def test_a_mask_that_is_not_causal_is_refused_naming_it():
+    """A sliding window narrower than the sequence would make decode silently different."""
+    gm = _front("llama", float64=False)
+    mask = next(n for n in gm.graph.nodes if n.op == "get_attr" and n.target.startswith("_folded_expand"))
+    window = torch.ones(SEQ, SEQ, dtype=torch.bool).tril() & ~torch.ones(SEQ, SEQ, dtype=torch.bool).tril(-4)
+    setattr(gm, mask.target, window.expand(1, 1, SEQ, SEQ).clone())
+    with pytest.raises(GraphStructureError, match=f"node %{mask.name}: attention mask is not causal"):
+        derive_decode(gm, 4)
+    with pytest.raises(GraphStructureError, match="attention mask is not causal"):  # the prefill too
+        derive_prefill(gm, 4)
+
+
+def test_positions_beyond_the_graph_and_graphs_without_roles_are_refused():
+    gm = _front("llama", float64=False)
+    with pytest.raises(GraphStructureError, match=r"node %input_ids: decode of 1 token\(s\) after 12 cache slot\(s\) "
+                                                  r"reaches position 12, beyond the graph's 12 positions"):
+        derive_decode(gm, SEQ)
+    plain = export_causal_lm(tiny_model("llama", layers=1), SEQ).module()
+    with pytest.raises(GraphStructureError, match="no decoder roles on the graph: run Canonicalize, FoldConstants and AnnotateRoles"):
+        derive_prefill(plain)
+    with pytest.raises(GraphStructureError, match=r"node %input_ids: prefill of 13"):
+        derive_prefill(gm, SEQ + 1)
+
+
+def test_the_split_leading_tokens_graph_is_refused():
+    from quantnpu.passes.split_leading_tokens import LeadingTokenSplit, SplitLeadingTokens
+
+    gm = _front("llama", float64=False)
+    calibration = [sample_token_ids(gm, seed) for seed in range(2)]
+    split = PassManager([SplitLeadingTokens(calibration, LeadingTokenSplit(mode="all"))], verify=False).run(copy.deepcopy(gm))
+    with pytest.raises(GraphStructureError, match="slices the token axis"):
+        derive_decode(split, 4)
