@@ -249,3 +249,69 @@ def test_the_split_leading_tokens_graph_is_refused():
     split = PassManager([SplitLeadingTokens(calibration, LeadingTokenSplit(mode="all"))], verify=False).run(copy.deepcopy(gm))
     with pytest.raises(GraphStructureError, match="slices the token axis"):
         derive_decode(split, 4)
+
+
+# ---- SmolLM2-135M (slow) -----------------------------------------------------------------------
+
+REAL_SEQ = 128
+PROMPTS = ("The history of the printing press begins", "def fibonacci(n):\n", "Once upon a time, in a small village,")
+
+
+@pytest.fixture(scope="module")
+def smollm2_graph():
+    from quantnpu.models.smollm2 import load_smollm2
+
+    model, tokenizer = load_smollm2()
+    gm = export_causal_lm(model, REAL_SEQ).module()
+    gm = PassManager([Canonicalize(), FoldConstants(), AnnotateRoles()]).run(gm)
+    return model, tokenizer, gm
+
+
+@pytest.mark.slow
+def test_smollm2_decode_gives_the_full_sequence_logits(smollm2_graph):
+    from quantnpu.models.corpus import split_tokens, token_windows
+
+    _, tokenizer, gm = smollm2_graph
+    exact = as_float64(gm)
+    window = token_windows(split_tokens(tokenizer, "evaluation"), REAL_SEQ, 1)
+    with torch.no_grad():
+        full = exact(window)
+        cached = _cached_logits(exact, window, prompt=20, prefill_tokens=32, cache_slots=REAL_SEQ - 1)
+    difference = relative_max(cached, full)
+    print(f"SmolLM2-135M, float64: prefill 20 of 32 tokens + 108 decode steps vs the 128-token graph: "
+          f"max relative difference {difference:.2e}")
+    assert difference < 1e-5
+    decode = derive_decode(gm, REAL_SEQ - 1)
+    assert decode.layers == 30 and decode.k_shapes[0] == decode.v_shapes[0] == (1, 3, REAL_SEQ - 1, 64)
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_tokens_equal_transformers_generate(smollm2_graph):
+    """64 greedy tokens through prefill + decode (float32) against transformers' own `generate`
+    (greedy, with its KV cache); a divergence is accepted only at a near-tie of our top-2 logits."""
+    model, tokenizer, gm = smollm2_graph
+    prefill, decode = derive_prefill(gm, 32), derive_decode(gm, REAL_SEQ - 1)
+    eos = {tokenizer.eos_token_id} | set(torch.tensor(model.generation_config.eos_token_id or []).flatten().tolist())
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            reference = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=64, do_sample=False,
+                                       pad_token_id=tokenizer.eos_token_id)[0, ids.shape[1]:].tolist()
+            runner = KvCacheRunner(prefill, decode)
+            logits = runner.prefill(ids)[:, -1]
+            ours, margins = [], []
+            while len(ours) < 64:
+                top = logits[0].topk(2)
+                ours.append(int(top.indices[0]))
+                margins.append(float(top.values[0] - top.values[1]))
+                if ours[-1] in eos:
+                    break
+                logits = runner.step(torch.tensor([[ours[-1]]]))[:, -1]
+        same = next((i for i, (a, b) in enumerate(zip(ours, reference)) if a != b), min(len(ours), len(reference)))
+        print(f"{prompt!r}: {same} of {len(reference)} greedy tokens equal to transformers' generate"
+              + (f"; first divergence at step {same}, top-2 margin {margins[same]:.2e}" if same < len(reference) else "")
+              + f"; smallest margin before it {min(margins[:same] or [float('nan')]):.3f}")
+        if same < len(reference):
+            assert margins[same] < 1e-3, f"confident divergence at step {same} (margin {margins[same]:.3f}) for {prompt!r}"
+        else:
+            assert ours == reference
