@@ -9,6 +9,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from quantnpu.errors import GraphStructureError
 from quantnpu.graph.decode import KvCacheRunner, derive_decode, derive_prefill
@@ -25,9 +27,10 @@ aten = torch.ops.aten
 SEQ = 12
 
 
-def _front(family: str, seq_len: int = SEQ, use_cache=False, passes=None, float64: bool = True, layers: int = 2):
+def _front(family: str, seq_len: int = SEQ, use_cache=False, passes=None, float64: bool = True, layers: int = 2,
+           batch: int = 1, **shape):
     """A tiny family's exported graph after the recognizing passes (or `passes`), in float64."""
-    gm = export_causal_lm(tiny_model(family, layers=layers), seq_len, use_cache=use_cache).module()
+    gm = export_causal_lm(tiny_model(family, layers=layers, **shape), seq_len, batch, use_cache=use_cache).module()
     if float64:
         gm = as_float64(gm)
     with warnings.catch_warnings():
@@ -85,6 +88,76 @@ def test_every_graph_form_before_quantization(family, form):
     assert relative_max(cached, gm(ids)) < 1e-5
     decode = derive_decode(gm, SEQ - 1)
     assert decode.mask_value == (-255.0 if form == "prepared-for-qnn" else decode.mask_value)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    kv_heads=st.sampled_from([1, 2, 3]),
+    group=st.sampled_from([1, 2, 3]),
+    head_dim=st.sampled_from([8, 12, 16]),
+    seq_len=st.integers(5, 13),
+    data=st.data(),
+)
+def test_any_attention_shape_and_length(kv_heads, group, head_dim, seq_len, data):
+    """Multi-head (group 1), grouped and multi-query attention, head dims and lengths that are not
+    powers of two (and may equal each other), any prompt length and chunk."""
+    heads = kv_heads * group
+    gm = _front("llama", seq_len=seq_len, layers=1, hidden=heads * head_dim, heads=heads, kv_heads=kv_heads)
+    prefill_tokens = data.draw(st.integers(1, seq_len - 1), label="prefill_tokens")
+    prompt = data.draw(st.integers(1, prefill_tokens), label="prompt")
+    chunk = data.draw(st.integers(1, seq_len - prompt), label="chunk")
+    ids = sample_token_ids(gm, seed=seq_len)
+    length = prompt + (seq_len - prompt) // chunk * chunk  # whole chunks only
+    cached = _cached_logits(gm, ids[:, :length], prompt, prefill_tokens, cache_slots=seq_len - chunk, chunk=chunk)
+    assert relative_max(cached, gm(ids)[:, :length]) < 1e-5
+
+
+def test_a_batch_of_two():
+    gm = _front("qwen3", batch=2)
+    ids = torch.randint(0, 128, (2, SEQ), generator=torch.Generator().manual_seed(7))
+    cached = _cached_logits(gm, ids, prompt=4, prefill_tokens=8, cache_slots=SEQ - 1)
+    assert cached.shape == (2, SEQ, 128)
+    assert relative_max(cached, gm(ids)) < 1e-5
+
+
+def test_causal_attention_without_a_mask():
+    """SDPA with is_causal=True and no mask (how some exports write it): the prefill keeps it, the
+    decode step gets the mask input in its place."""
+    gm = _front("llama")
+    ids = sample_token_ids(gm, seed=8)
+    full = gm(ids)
+    for node in gm.graph.nodes:
+        if node.target == aten.scaled_dot_product_attention.default:
+            node.args = node.args[:3]
+            node.kwargs = {**node.kwargs, "is_causal": True}
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    assert relative_max(gm(ids), full) < 1e-12
+    decode = derive_decode(gm, SEQ - 1)
+    assert decode.mask_shape == (1, 1, 1, SEQ) and decode.mask_value == float("-inf")
+    assert relative_max(_cached_logits(gm, ids, prompt=3, prefill_tokens=8, cache_slots=SEQ - 1), full) < 1e-5
+
+
+def test_the_derived_graphs_export_and_load_as_programs(tmp_path):
+    """What lowering will take: both graphs go through torch.export and a .pt2 round trip, and a
+    graph loaded from a user's .pt2 derives the same way."""
+    from quantnpu.models.export import load_pt2, save_pt2
+
+    model = tiny_model("mistral", layers=2)
+    save_pt2(export_causal_lm(model, SEQ), tmp_path / "model.pt2")
+    gm = PassManager([Canonicalize(), FoldConstants(), AnnotateRoles()]).run(load_pt2(tmp_path / "model.pt2").module())
+    prefill, decode = derive_prefill(gm, 8), derive_decode(gm, SEQ - 1)
+    runner = KvCacheRunner(prefill, decode)
+    runner.prefill(torch.tensor([[1, 2, 3]]))
+    inputs = (torch.tensor([[4]]), torch.tensor([3]), runner.mask(), *runner.k, *runner.v)
+    program = torch.export.export(decode.module, inputs)
+    save_pt2(program, tmp_path / "decode.pt2")
+    loaded = load_pt2(tmp_path / "decode.pt2")
+    assert [s.arg.name for s in loaded.graph_signature.input_specs if s.kind.name == "USER_INPUT"] == [
+        "input_ids", "input_pos", "attention_mask", "k_cache_0", "k_cache_1", "v_cache_0", "v_cache_1"]
+    for ours, theirs in zip(decode(*inputs), loaded.module()(*inputs)):
+        torch.testing.assert_close(theirs, ours, rtol=0, atol=0)
+    torch.export.export(prefill.module, (torch.zeros(1, 8, dtype=torch.int64),))
 
 
 def test_float32_graphs_agree_within_float32_rounding():

@@ -443,7 +443,7 @@ def _float_dtype(gm: torch.fx.GraphModule) -> torch.dtype:
     return torch.float32
 
 
-def analyze(gm: torch.fx.GraphModule) -> _Decoder:
+def _analyze(gm: torch.fx.GraphModule) -> _Decoder:
     """Find the ids input, the token axes and the cached K/V of an annotated decoder graph."""
     by_role = nodes_by_role(gm)
     if "embedding" not in by_role or "lm_head" not in by_role:
@@ -580,7 +580,7 @@ def _register(module: torch.fx.GraphModule, base: str, value: torch.Tensor) -> s
 
 
 def _derive(gm: torch.fx.GraphModule, tokens: int | None, cache_slots: int, kind: str) -> CachedGraph:
-    decoder = analyze(gm)
+    decoder = _analyze(gm)
     seq_len, prop = decoder.seq_len, decoder.prop
     tokens = seq_len if tokens is None else tokens
     if tokens < 1 or cache_slots < 0 or cache_slots + tokens > seq_len:
@@ -745,6 +745,14 @@ def _propagate_shapes(module: torch.fx.GraphModule, example: list[torch.Tensor],
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise GraphStructureError(f"the resized graph does not run ({message}): a size the decode rewrite did not "
                                   "follow is baked in here", failing.name if failing is not None else None) from None
+    from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+    for node in module.graph.nodes:  # export's `tensor_meta` too, so that no stale shape is left behind
+        value = node.meta.get("val")
+        if isinstance(value, torch.Tensor):
+            node.meta["tensor_meta"] = _extract_tensor_metadata(value)
+        else:
+            node.meta.pop("tensor_meta", None)
     for node in module.graph.nodes:
         if node not in sources or node.op == "placeholder":
             continue
