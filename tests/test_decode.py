@@ -160,6 +160,39 @@ def test_the_derived_graphs_export_and_load_as_programs(tmp_path):
     torch.export.export(prefill.module, (torch.zeros(1, 8, dtype=torch.int64),))
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_the_fake_quant_graph_before_conversion(family):
+    """Under stage two's fixed observers (8-8-8, static encodings): the derived graphs share the
+    observer modules (one set of encodings by construction), the cache holds the observed K/V, and
+    prefill + decode compute the fake-quant function at every position up to float32 rounding of
+    the different accumulation orders (a grid step here and there)."""
+    from quantnpu.passes.insert_observers import observed_tensors
+    from quantnpu.pipeline import STATIC, fake_quant_end, pipeline
+
+    gm = export_causal_lm(tiny_model(family, layers=2), SEQ).module()
+    passes = pipeline("8-8-8", [sample_token_ids(gm, seed) for seed in range(2)], STATIC)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        manager = PassManager(passes, stop_after=fake_quant_end(passes))
+        fake_quant = manager.run(gm)
+    ids = sample_token_ids(fake_quant, seed=5)
+    full = fake_quant(ids)
+    prefill, decode = derive_prefill(fake_quant, 8), derive_decode(fake_quant, SEQ - 1)
+    cached = _cached_logits(fake_quant, ids, prompt=4, prefill_tokens=8, cache_slots=SEQ - 1)
+    print(f"{family} fake-quant: max relative difference {relative_max(cached, full):.2e}")
+    assert relative_max(cached, full) < 1e-4
+    assert torch.equal(cached.argmax(-1), full.argmax(-1))
+    observers = {id(group.module) for group in observed_tensors(fake_quant).values()}
+    for graph in (prefill, decode):
+        used = {id(group.module) for group in observed_tensors(graph.module).values()}
+        assert used and used <= observers
+        assert all(name.startswith("activation_post_process") for pair in graph.cached for name in pair)
+    converted = PassManager(passes, verify=False).run(fake_quant, start_after=fake_quant_end(passes))
+    with pytest.raises(GraphStructureError, match="a converted Q/DQ graph: derive the prefill and decode graphs from "
+                                                  "the graph before conversion"):
+        derive_decode(converted, 4)
+
+
 def test_float32_graphs_agree_within_float32_rounding():
     gm = _front("llama", float64=False)
     ids = sample_token_ids(gm, seed=4)

@@ -1,10 +1,12 @@
 """Two graphs from one decoder: a prefill that writes a KV cache and a decode step that reads it.
 
 A recognized decoder graph (`input_ids [B, S] -> logits [B, S, V]`, after Canonicalize,
-FoldConstants and AnnotateRoles; the later float passes and PrepareForQnn may have run too) is
-rewritten, not re-exported: `derive_prefill(gm, P)` and `derive_decode(gm, C)` copy its graph and
-share its weights (the same parameter objects), so whatever later rewrites a weight rewrites it
-for both programs.
+FoldConstants and AnnotateRoles; the later float passes, PrepareForQnn and the observers of
+stage two may have run too) is rewritten, not re-exported: `derive_prefill(gm, P)` and
+`derive_decode(gm, C)` copy its graph and share its weights and observer modules (the same
+objects), so whatever later rewrites a weight or sets an encoding does it for both programs. Node
+names are kept (a node of a derived graph has its source node's name); the new nodes are the
+inputs, the cache concatenations and the table gathers.
 
 How the rewrite knows what to change. Every tensor's token axes are found by propagation from
 the ids input through the ops the rewrite understands (pointwise ops with broadcasting, views,
@@ -46,15 +48,20 @@ static_llama with `output_new_cache_only`); the caller writes them into slots
 constant tables (`index_select`); the attention reads `cat(cache, new)` along the token axis,
 so key j < C is cache slot j and key C + i the new token i. `attention_mask` is additive,
 shaped like the source mask with axes (query T, key C + T), in the graph's float dtype: 0 where
-a query may attend, `spec.mask_value` elsewhere (the source mask's own masking value: -inf for
+a query may attend, `CachedGraph.mask_value` elsewhere (the source mask's own masking value: -inf for
 a boolean mask, -255 after PrepareForQnn). T > 1 is a chunk at any position (chunked prefill).
+
+Under stage two's observers (the fake-quant graph just before conversion) an observer is the
+identity on shapes: the cached K/V is the observer's output (the cache holds values on the
+tensor's grid), a table or mask is replaced under its observer (which stays, now on the gather
+or the mask input), and running either graph feeds the shared observers. Which encoding the
+cache gets (today K's is the 16-bit RoPE output's) is the quantization step's decision.
 
 Not supported yet: positions >= S (the folded tables and the mask end there: export at the
 context length wanted), sliding-window masks narrower than S, caches shared across layers
 (each attention must have its own), batch rows at different positions, the graphs after
-SplitLeadingTokens (it slices the token axis; the decode graph must not be split) and after
-observers or Q/DQ conversion (quantizing both graphs with one set of encodings is the next
-step). Nothing here is quantized or lowered.
+SplitLeadingTokens (it slices the token axis; the decode graph must not be split) and converted
+Q/DQ graphs (derive before conversion and convert both). Nothing here is quantized or lowered.
 """
 
 from __future__ import annotations
@@ -128,11 +135,37 @@ class CachedGraph:
 Axes = dict[int, str]
 
 
+def _is_observer(gm: torch.fx.GraphModule, node: object) -> bool:
+    """A PT2E observer or fake-quantizer call: the identity on shapes (it observes, or quantize-
+    dequantizes with a per-tensor or per-channel encoding of a weight)."""
+    if not isinstance(node, torch.fx.Node) or node.op != "call_module":
+        return False
+    return _observer_module(gm.get_submodule(node.target))
+
+
+def _observer_module(module: torch.nn.Module) -> bool:
+    from torchao.quantization.pt2e import FakeQuantizeBase, ObserverBase
+
+    return isinstance(module, (ObserverBase, FakeQuantizeBase))
+
+
 def _shape(node: torch.fx.Node) -> tuple[int, ...]:
-    value = tensor_meta(node)
+    source = node
+    while tensor_meta(source) is None and source.op == "call_module" and source.args \
+            and isinstance(source.args[0], torch.fx.Node):  # an observer's output: its input's shape
+        source = source.args[0]
+    value = tensor_meta(source)
     if value is None:
         raise GraphStructureError("no shape metadata (meta['val']) on a node the decode rewrite must resize", node.name)
     return tuple(int(d) for d in value.shape)
+
+
+def _has_shape(node: torch.fx.Node) -> bool:
+    try:
+        _shape(node)
+    except GraphStructureError:
+        return False
+    return True
 
 
 def _dim(dim: int, rank: int) -> int:
@@ -143,6 +176,7 @@ def _dim(dim: int, rank: int) -> int:
 class _Propagation:
     """Token axes of every node computed from the ids, and of the constants broadcast against them."""
 
+    gm: torch.fx.GraphModule
     seq_len: int
     axes: dict[torch.fx.Node, Axes] = field(default_factory=dict)
     constants: dict[torch.fx.Node, Axes] = field(default_factory=dict)  # position tables and masks
@@ -161,6 +195,8 @@ class _Propagation:
     def constant_axes(self, operand: torch.fx.Node, out_axes: Axes, out_rank: int, reader: torch.fx.Node) -> None:
         """`operand` (no token axes of its own) broadcast against `out_axes`: where it is not 1 along
         a token axis, it is a per-position constant."""
+        while _is_observer(self.gm, operand):  # the constant itself: its observer stays on what replaces it
+            operand = operand.args[0]
         shape = _shape(operand)
         found: Axes = {}
         for out_axis, kind in out_axes.items():
@@ -172,7 +208,7 @@ class _Propagation:
             found[axis] = kind
         if not found:
             return
-        if not _is_constant(operand):
+        if not _is_constant(self.gm, operand):
             raise GraphStructureError("a value computed from the inputs is used per position but carries no token axis "
                                       "the decode rewrite can follow", operand.name)
         if self.constants.get(operand, found) != found:
@@ -182,15 +218,15 @@ class _Propagation:
             self.mask_readers.setdefault(operand, []).append(reader)
 
 
-def _is_constant(node: torch.fx.Node) -> bool:
-    """Computed from the module's attributes alone (the ops FoldConstants would fold)."""
+def _is_constant(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """Computed from the module's attributes alone (the ops FoldConstants would fold, observed or not)."""
     stack, seen = [node], set()
     while stack:
         current = stack.pop()
         if current in seen:
             continue
         seen.add(current)
-        if current.op == "placeholder" or current.op == "call_module":
+        if current.op == "placeholder" or current.op == "call_module" and not _is_observer(gm, current):
             return False
         stack.extend(current.all_input_nodes)
     return True
@@ -209,7 +245,7 @@ def _pointwise(prop: _Propagation, node: torch.fx.Node, operands: Sequence[objec
                 raise GraphStructureError("combines query and key token axes elementwise", node.name)
             out[axis + shift] = kind
     for operand in operands:
-        if isinstance(operand, torch.fx.Node) and prop.of(operand) is None and tensor_meta(operand) is not None:
+        if isinstance(operand, torch.fx.Node) and prop.of(operand) is None and _has_shape(operand):
             prop.constant_axes(operand, out, out_rank, node)
     return out
 
@@ -281,15 +317,17 @@ def _sdpa(prop: _Propagation, node: torch.fx.Node) -> Axes:
 
 
 def _propagate(gm: torch.fx.GraphModule, ids: torch.fx.Node, seq_len: int, relabel=frozenset()) -> _Propagation:
-    prop = _Propagation(seq_len, relabel=frozenset(relabel))
+    prop = _Propagation(gm, seq_len, relabel=frozenset(relabel))
     prop.axes[ids] = {1: QUERY}
     for node in gm.graph.nodes:
         if node.op == "call_module":
             if node.target.startswith("_guards"):
                 continue
-            if any(prop.of(a) for a in node.all_input_nodes):
+            if _is_observer(gm, node) and prop.of(node.args[0]) is not None:
+                prop.axes[node] = dict(prop.of(node.args[0]))
+            elif any(prop.of(a) for a in node.all_input_nodes):
                 raise GraphStructureError(f"module call {node.target} on token-carrying values is not supported "
-                                          "by the decode rewrite (run it before observers are inserted)", node.name)
+                                          "by the decode rewrite", node.name)
             continue
         if node.op != "call_function" or not any(prop.of(a) is not None for a in node.all_input_nodes):
             continue
@@ -304,8 +342,6 @@ def _rule(prop: _Propagation, node: torch.fx.Node) -> Axes:
     rank = len(_shape(node))
     if target in _POINTWISE:
         return _pointwise(prop, node, list(args) + list(node.kwargs.values()))
-    if quantize_kind(node) is not None and "per_tensor" in str(target):
-        return _pointwise(prop, node, [first])
     if target == EMBEDDING:
         if prop.of(args[0]):
             raise GraphStructureError("embedding table computed from the inputs", node.name)
@@ -384,12 +420,12 @@ def _cached_tensor(prop: _Propagation, operand: torch.fx.Node) -> torch.fx.Node:
     chain = [operand]
     while True:
         node = chain[-1]
-        moves = node.op == "call_function" and node.target in _MOVES
+        moves = node.op == "call_function" and node.target in _MOVES or _is_observer(prop.gm, node)
         if not moves and node.op == "call_function" and node.target in (aten.mul.Tensor, aten.div.Tensor):
             other = node.args[1]
             moves = isinstance(node.args[0], torch.fx.Node) and (
-                isinstance(other, (int, float)) or (isinstance(other, torch.fx.Node) and _is_constant(other)
-                                                    and (v := tensor_meta(other)) is not None and v.numel() == 1))
+                isinstance(other, (int, float)) or (isinstance(other, torch.fx.Node) and _is_constant(prop.gm, other)
+                                                    and math.prod(_shape(other)) == 1))
         if not moves or not isinstance(node.args[0], torch.fx.Node) or node.args[0] not in prop.axes:
             break
         chain.append(node.args[0])
@@ -449,6 +485,10 @@ def _analyze(gm: torch.fx.GraphModule) -> _Decoder:
     if "embedding" not in by_role or "lm_head" not in by_role:
         raise GraphStructureError("no decoder roles on the graph: run Canonicalize, FoldConstants and AnnotateRoles first")
     layers = 1 + max(info.layer for n in by_role.values() if (info := node_info(n)).layer is not None)
+    converted = next((n for n in gm.graph.nodes if quantize_kind(n) is not None), None)
+    if converted is not None:
+        raise GraphStructureError("a converted Q/DQ graph: derive the prefill and decode graphs from the graph before "
+                                  "conversion (float, or fake-quant under its observers) and convert both", converted.name)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     ids = by_role["embedding"].args[1]
     if placeholders != [ids]:
@@ -507,6 +547,8 @@ def _evaluate(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.Tensor:
         for current in order:
             if current.op == "get_attr":
                 values[current] = fetch_attr(gm, current.target)
+            elif current.op == "call_module":  # an observer: read through, never run (it may be collecting)
+                values[current] = values[current.args[0]]
             else:
                 args = torch.fx.node.map_arg(current.args, values.__getitem__)
                 kwargs = torch.fx.node.map_arg(current.kwargs, values.__getitem__)
@@ -606,8 +648,8 @@ def _derive(gm: torch.fx.GraphModule, tokens: int | None, cache_slots: int, kind
     v_cached = [remap[n] for n in decoder.v_cached]
     token_nodes = set(axes)
 
-    def reader(node: torch.fx.Node) -> bool:
-        return node in token_nodes
+    def reader(node: torch.fx.Node) -> bool:  # a per-position constant is replaced where tokens read it
+        return node in token_nodes or _is_observer(module, node)
 
     # inputs
     last_input = ids
@@ -735,11 +777,17 @@ def _propagate_shapes(module: torch.fx.GraphModule, example: list[torch.Tensor],
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
+    class _Shapes(FakeTensorProp):
+        def call_module(self, target, args, kwargs):  # an observer would record fake statistics
+            if _observer_module(self.fetch_attr(target)):
+                return args[0]
+            return super().call_module(target, args, kwargs)
+
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with mode:
         fake = [mode.from_tensor(t) for t in example]
     try:
-        FakeTensorProp(module, mode).propagate(*fake)
+        _Shapes(module, mode).propagate(*fake)
     except Exception as error:  # the op that cannot take its new shapes: name it
         failing = next((n for n in module.graph.nodes if n.op == "call_function" and "val" not in n.meta), None)
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
