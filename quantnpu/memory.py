@@ -91,6 +91,19 @@ class peak_memory:  # noqa: N801 -- used as a context manager, like contextlib's
         _fold(self.reading.mib)
 
 
+def resident_mib() -> float:
+    """This process's resident size now (MiB), after giving freed heap blocks back: what is still alive."""
+    release_freed_memory()
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return 0.0
+
+
 def process_peak_mib() -> float:
     """The largest resident size of this process so far, across every reset of the kernel's mark."""
     _fold(_high_water_mib())

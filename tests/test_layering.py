@@ -22,6 +22,7 @@ ALLOWED: dict[str, set[str]] = {
     "paths": set(),
     "logs": set(),
     "memory": set(),
+    "estimate": {"errors", "memory"},
     "distributed": {"errors"},
     "fileio": {"errors"},
     "graph": FOUNDATION,
@@ -33,7 +34,7 @@ ALLOWED: dict[str, set[str]] = {
     "pipeline": FOUNDATION | {"graph", "quantizers", "passes"},
     "prepare": FOUNDATION | {"lowering", "models"},
     "report": FOUNDATION | {"graph", "quantizers", "passes", "pipeline", "models", "lowering", "runtime_harness"},
-    "cli": FOUNDATION | {"graph", "quantizers", "passes", "pipeline", "models", "lowering", "runtime_harness", "report", "prepare"},
+    "cli": FOUNDATION | {"estimate", "graph", "quantizers", "passes", "pipeline", "models", "lowering", "runtime_harness", "report", "prepare"},
     "__main__": {"cli"},
     "__init__": set(),
 }

@@ -21,16 +21,18 @@ EXIT_INTERRUPTED = 130
 
 
 class Stages:
-    """Prints `[stage] ... seconds` lines and keeps each stage's seconds and peak resident memory
-    (MiB, quantnpu.memory.peak_memory) for the run record."""
+    """Prints `[stage] ... seconds` lines and keeps each stage's seconds, peak resident memory
+    (MiB, quantnpu.memory.peak_memory) and the resident memory left when it ended (what the next
+    stages start from) for the run record."""
 
     def __init__(self, quiet: bool) -> None:
         self.quiet = quiet
         self.seconds: dict[str, float] = {}
         self.peak_mib: dict[str, float] = {}
+        self.resident_after_mib: dict[str, float] = {}
 
     def run(self, name: str, work: Callable):
-        from quantnpu.memory import peak_memory
+        from quantnpu.memory import peak_memory, resident_mib
 
         if not self.quiet:
             print(f"[{name}] ...", flush=True)
@@ -39,8 +41,10 @@ class Stages:
             result = work()
         self.seconds[name] = round(time.perf_counter() - start, 3)
         self.peak_mib[name] = peak.mib
+        self.resident_after_mib[name] = resident_mib()
         if not self.quiet:
-            print(f"[{name}] done in {self.seconds[name]:.1f} s, peak {peak.mib / 1024:.2f} GiB resident", flush=True)
+            print(f"[{name}] done in {self.seconds[name]:.1f} s, peak {peak.mib / 1024:.2f} GiB resident "
+                  f"({self.resident_after_mib[name] / 1024:.2f} GiB after)", flush=True)
         return result
 
 

@@ -136,6 +136,8 @@ def add_output_flags(parser: argparse.ArgumentParser) -> None:
                             "simulator (one calibration window) and compare each with its op recomputed in the Q/DQ graph "
                             "from the device's own inputs; prints the largest difference per layer, exit code 3 if any "
                             "tensor is over 2 8-bit steps' worth")
+    group.add_argument("--no-memory-check", action="store_true",
+                       help="run even if the estimated peak memory (printed before the passes) exceeds what this machine has")
     group.add_argument("-q", "--quiet", action="store_true")
     group.add_argument("-v", "--verbose", action="store_true", help="show ExecuTorch's and QNN's own log lines")
 
@@ -301,6 +303,7 @@ class LowerJob:
     allow_cpu_ops: bool
     check_agreement: bool
     keep_checkpoint: bool            # the user named the checkpoint: it stays after a finished run
+    memory_check: bool               # stop before the passes if the estimated peak does not fit
     quiet: bool
 
     @staticmethod
@@ -336,7 +339,7 @@ class LowerJob:
             calib_windows=args.calib_windows, calib_text=args.calib_text, evaluate=args.eval, eval_windows=args.eval_windows,
             eval_text=args.eval_text, tokenizer=args.tokenizer, encodings=args.encodings, stop_after=args.stop_after,
             verify=not args.no_verify, allow_cpu_ops=args.allow_cpu_ops, check_agreement=args.check_agreement,
-            keep_checkpoint=args.checkpoint is not None, quiet=args.quiet)
+            keep_checkpoint=args.checkpoint is not None, memory_check=not args.no_memory_check, quiet=args.quiet)
 
 
 # ---- the stages ---------------------------------------------------------------------------------
@@ -406,6 +409,22 @@ def load(job: LowerJob, stages: Stages) -> Loaded:
         raise QuantNpuError(f"{job.model}: the model predicts {vocab} tokens but the tokenizer has {len(tokenizer)}; "
                             "pass --tokenizer with the model's own tokenizer")
     return Loaded(gm, batch, seq_len, tokenizer)
+
+
+def estimate(job: LowerJob, loaded: Loaded):
+    """The model's size and the run's estimated peak and time, printed; a run that would not fit stops here."""
+    from quantnpu.estimate import check_fits, estimate_run, model_size
+
+    size = model_size(loaded.gm, output_vocab(loaded.gm, job.model), loaded.batch, loaded.seq_len)
+    stages = ["passes"] if job.stop_after else ["passes", "lower"]
+    if job.evaluate and not job.stop_after:
+        stages += ["eval float", "eval fake-quant", "eval .pte"]
+    guess = estimate_run(size, stages, job.calib_windows, job.eval_windows)
+    if not job.quiet:
+        print(guess.line(), flush=True)
+    if job.memory_check:
+        check_fits(guess, str(job.model))
+    return guess
 
 
 def calibration_batches(job: LowerJob, loaded: Loaded) -> list:
@@ -535,6 +554,7 @@ def lower(job: LowerJob) -> int:
     from quantnpu.lowering import qnn_sdk
 
     loaded = load(job, stages)
+    guess = estimate(job, loaded)
     sdk = qnn_sdk.activate(qnn_sdk.prepare_qnn_sdk())
     batches = calibration_batches(job, loaded)
     # the input graph's perplexity now, before the passes rewrite it in place (no copy of the model)
@@ -568,6 +588,8 @@ def lower(job: LowerJob) -> int:
         "passes": [{"name": r.name, "seconds": round(r.seconds, 3), "peak_memory_mib": r.peak_memory_mib,
                     "function_difference": r.function_difference, "summary": r.summary} for r in manager.records],
         "outside_delegates": lowered.outside_delegates, "pte_bytes": lowered.size_bytes,
+        "estimate": {"parameters": guess.size.parameters, "peak_mib": {k: round(v, 1) for k, v in guess.peak_mib.items()},
+                     "seconds": {k: round(v, 1) for k, v in guess.seconds.items()}},
     }
     results = None
     if job.evaluate:
@@ -581,6 +603,7 @@ def lower(job: LowerJob) -> int:
                                "unobserved": len(agreement.unobserved), "tensors": [asdict(t) for t in agreement.tensors]}
     record["seconds"] = stages.seconds
     record["stage_peak_memory_mib"] = stages.peak_mib
+    record["stage_resident_after_mib"] = stages.resident_after_mib
     from quantnpu.runtime_harness.records import write_record
 
     record_path = write_record(job.record, record)
