@@ -302,14 +302,16 @@ def test_an_op_across_tokens_is_refused_naming_it(target, args, message):
 
 
 def test_a_slice_of_the_tokens_is_refused_naming_it():
-    """What SplitLeadingTokens does (the first token through its own MLP copy) has no decode form."""
+    """A slice of the token axis other than SplitLeadingTokens' leading/rest split (here a slice of
+    the rest) has no decode form."""
     gm = _front("llama", float64=False)
     node = _insert_after_embedding(gm, aten.slice.Tensor, 1, 1, SEQ)
     pad = insert_call(gm.graph, next(iter(node.users)), aten.cat.default, [insert_call(
         gm.graph, next(iter(node.users)), aten.slice.Tensor, node, 1, 0, 1), node], 1)
     node.replace_all_uses_with(pad, delete_user_cb=lambda u: u not in (pad,) and u.target != aten.slice.Tensor)
     gm.recompile()
-    with pytest.raises(GraphStructureError, match=f"node %{node.name}: slices the token axis"):
+    inner = next(u for u in node.users if u.target == aten.slice.Tensor)
+    with pytest.raises(GraphStructureError, match=f"node %{inner.name}: slices the token axis"):
         derive_decode(gm, 4)
 
 
@@ -347,14 +349,30 @@ def test_positions_beyond_the_graph_and_graphs_without_roles_are_refused():
         derive_prefill(gm, SEQ + 1)
 
 
-def test_the_split_leading_tokens_graph_is_refused():
+def test_the_split_leading_tokens_graph_prefills_with_the_split_and_decodes_without_it():
+    """SplitLeadingTokens' split: the prefill (from position 0) keeps it, with the head slice's size
+    fixed and the rest resized; the decode graph is derived from the graph without it (the rest
+    copy reads every token; the join is a one-piece cat). The same logits as the split graph."""
+    from quantnpu.graph.decode import leading_tokens, unsplit_leading_tokens
     from quantnpu.passes.split_leading_tokens import LeadingTokenSplit, SplitLeadingTokens
 
-    gm = _front("llama", float64=False)
+    gm = _front("llama")
     calibration = [sample_token_ids(gm, seed) for seed in range(2)]
     split = PassManager([SplitLeadingTokens(calibration, LeadingTokenSplit(mode="all"))], verify=False).run(copy.deepcopy(gm))
-    with pytest.raises(GraphStructureError, match="slices the token axis"):
-        derive_decode(split, 4)
+    assert leading_tokens(split) == 1 and leading_tokens(gm) == 0
+    ids = sample_token_ids(gm, seed=1)
+    full = split(ids)
+    for prompt, prefill_tokens in ((3, 8), (1, SEQ - 1)):
+        cached = _cached_logits(split, ids, prompt=prompt, prefill_tokens=prefill_tokens, cache_slots=SEQ - 1)
+        assert relative_max(cached, full) < 1e-5
+    decode = derive_decode(split, 4)
+    assert not any(n.target == aten.slice.Tensor and n.args[1] == 1 for n in decode.module.graph.nodes)
+    assert not any("@leading" in str(n.meta.get("quantnpu", "")) for n in decode.module.graph.nodes)
+    assert any("@leading" in str(n.meta.get("quantnpu", "")) for n in derive_prefill(split, 8).module.graph.nodes)
+    plain = unsplit_leading_tokens(split)
+    assert relative_max(plain(ids)[0], full) < 1e-12 and unsplit_leading_tokens(gm) is gm
+    with pytest.raises(GraphStructureError, match="splits off 1 leading token"):
+        derive_prefill(split, 1)
 
 
 # ---- SmolLM2-135M (slow) -----------------------------------------------------------------------

@@ -59,9 +59,13 @@ cache gets (today K's is the 16-bit RoPE output's) is the quantization step's de
 
 Not supported yet: positions >= S (the folded tables and the mask end there: export at the
 context length wanted), sliding-window masks narrower than S, caches shared across layers
-(each attention must have its own), batch rows at different positions, the graphs after
-SplitLeadingTokens (it slices the token axis; the decode graph must not be split) and converted
-Q/DQ graphs (derive before conversion and convert both). Nothing here is quantized or lowered.
+(each attention must have its own), batch rows at different positions, and converted
+Q/DQ graphs (derive before conversion and convert both; `quantnpu.graph.decode_quant` does).
+
+SplitLeadingTokens' split (`cat([mlp(x[:, :k]), mlp(x[:, k:])])`) is the one slice of the tokens
+understood: in a prefill the head keeps its k tokens and the rest is resized to P - k (position 0
+only ever runs through the prefill); a decode graph is derived from `unsplit_leading_tokens(gm)`,
+where the rest copy reads every token, so decode steps use the rest's encodings.
 """
 
 from __future__ import annotations
@@ -80,6 +84,9 @@ from quantnpu.graph.ops import CASTS, EMBEDDING, LINEAR, SDPA, SOFTMAX, fetch_at
 
 aten = torch.ops.aten
 QUERY, KEY = "query", "key"
+# SplitLeadingTokens' two halves of the query tokens in a prefill: the first `lead` positions
+# (`x[:, :lead]`, never resized) and the rest (`x[:, lead:]`, resized to P - lead).
+LEAD, REST = "lead", "rest"
 _FULL_SLICE_END = sys.maxsize
 
 # Ops computing each element from the same element of their (broadcast) operands.
@@ -185,6 +192,13 @@ class _Propagation:
     values: list[torch.fx.Node] = field(default_factory=list)   # ... and values, in graph order
     causal_sdpa: list[torch.fx.Node] = field(default_factory=list)
     relabel: frozenset = frozenset()  # nodes whose readers see their token axis as key tokens
+    lead: int | None = None           # leading tokens split off by SplitLeadingTokens (None: no split)
+    splits: list[torch.fx.Node] = field(default_factory=list)  # the cats joining the two halves
+
+    def set_lead(self, lead: int, node: torch.fx.Node) -> None:
+        if self.lead is not None and self.lead != lead:
+            raise GraphStructureError(f"token splits at {self.lead} and at {lead}: one leading-token split only", node.name)
+        self.lead = lead
 
     def of(self, arg: object) -> Axes | None:
         if not isinstance(arg, torch.fx.Node) or arg not in self.axes:
@@ -378,14 +392,27 @@ def _rule(prop: _Propagation, node: torch.fx.Node) -> Axes:
         start = args[2] if len(args) > 2 else None
         end = args[3] if len(args) > 3 else None
         step = args[4] if len(args) > 4 else 1
-        if dim in axes and not (start in (None, 0) and (end is None or end >= prop.seq_len) and step == 1):
-            raise GraphStructureError(f"slices the token axis ({start}:{end}:{step}); a decode graph computes other "
-                                      "tokens (e.g. SplitLeadingTokens' split must not be in a decode graph)", node.name)
-        return dict(axes)
+        whole_end = end is None or end >= prop.seq_len
+        if dim not in axes or (start in (None, 0) and whole_end and step == 1):
+            return dict(axes)
+        if axes[dim] == QUERY and step == 1 and start in (None, 0) and 0 < end < prop.seq_len:
+            prop.set_lead(end, node)  # SplitLeadingTokens' head: the first positions, whatever P is
+            return {**axes, dim: LEAD}
+        if axes[dim] == QUERY and step == 1 and isinstance(start, int) and 0 < start < prop.seq_len and whole_end:
+            prop.set_lead(start, node)  # ... and its rest
+            return {**axes, dim: REST}
+        raise GraphStructureError(f"slices the token axis ({start}:{end}:{step}); a decode graph computes other "
+                                  "tokens (only SplitLeadingTokens' leading/rest split is understood)", node.name)
     if target == aten.cat.default:
         pieces = [p for p in args[0]]
         dim = _dim(args[1] if len(args) > 1 else 0, rank)
         kinds = [prop.of(p) for p in pieces]
+        if len(pieces) == 2 and kinds[0] and kinds[1] and kinds[0].get(dim) == LEAD and kinds[1].get(dim) == REST \
+                and {a: k for a, k in kinds[0].items() if a != dim} == {a: k for a, k in kinds[1].items() if a != dim}:
+            prop.splits.append(node)  # the leading-token split joined again
+            return {**kinds[0], dim: QUERY}
+        if len(pieces) == 1 and kinds[0]:
+            return dict(kinds[0])  # one piece: the identity (the decode graph's form of a split's join)
         if any(k != kinds[0] for k in kinds) or dim in (kinds[0] or {}):
             raise GraphStructureError("concatenation along, or of operands without, the token axis", node.name)
         return dict(kinds[0])
@@ -629,8 +656,16 @@ def _derive(gm: torch.fx.GraphModule, tokens: int | None, cache_slots: int, kind
         raise GraphStructureError(f"{kind} of {tokens} token(s) after {cache_slots} cache slot(s) reaches position "
                                   f"{cache_slots + tokens - 1}, beyond the graph's {seq_len} positions (export it "
                                   f"with a longer sequence)", decoder.ids.name)
+    if prop.lead is not None:
+        if kind == "decode":  # position 0 only ever runs through the prefill: decode without the split
+            return _derive(unsplit_leading_tokens(gm), tokens, cache_slots, kind)
+        if tokens <= prop.lead:
+            raise GraphStructureError(f"prefill of {tokens} token(s) on a graph that splits off {prop.lead} leading "
+                                      "token(s): the prefill must be longer", decoder.ids.name)
     tables, masks, mask_value = _classify_constants(gm, decoder)
     sizes = {QUERY: tokens, KEY: cache_slots + tokens}
+    if prop.lead is not None:
+        sizes.update({LEAD: prop.lead, REST: tokens - prop.lead})
 
     # a copy of the graph over the same attributes (weights shared, not copied)
     graph = torch.fx.Graph()
@@ -732,7 +767,7 @@ def _derive(gm: torch.fx.GraphModule, tokens: int | None, cache_slots: int, kind
             continue
         if node.target in _RESHAPES or node.target == aten.expand.default:
             _resize_args(node, node_axes, sizes)
-        elif node.target == aten.slice.Tensor and (node.args[1] % len(_shape(node))) in node_axes:
+        elif node.target == aten.slice.Tensor and node_axes.get(node.args[1] % len(_shape(node)), LEAD) != LEAD:
             node.args = tuple(node.args[:3]) + (_FULL_SLICE_END,) + tuple(node.args[4:])
 
     # outputs: the logits and the new K/V
@@ -809,6 +844,50 @@ def _propagate_shapes(module: torch.fx.GraphModule, example: list[torch.Tensor],
         if tuple(_shape(node)) != expected:
             raise GraphStructureError(f"resized to {list(_shape(node))}, expected {list(expected)}: a size the decode "
                                       "rewrite did not follow is baked in here", node.name)
+
+
+def leading_tokens(gm: torch.fx.GraphModule) -> int:
+    """How many leading positions SplitLeadingTokens gave their own MLP copies in `gm` (0: none)."""
+    return _analyze(gm).prop.lead or 0
+
+
+def unsplit_leading_tokens(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """`gm` without SplitLeadingTokens' split, as a copy over the same attributes: each split MLP's
+    rest copy reads every token (`x[:, k:]` becomes `x`), the leading copy is gone, and the join
+    `cat([lead, rest])` becomes the one-piece `cat([rest])`, keeping its node (so its encoding,
+    and the edges into it, stay the ones stage two gave it). In float it is the same function; under
+    the observers it is the split graph's function at every position >= k (the rest's encodings),
+    which is what a decode step computes. A graph without the split is returned as it is."""
+    decoder = _analyze(gm)
+    prop = decoder.prop
+    if prop.lead is None:
+        return gm
+    graph = torch.fx.Graph()
+    remap: dict[torch.fx.Node, torch.fx.Node] = {}
+    graph.output(graph.graph_copy(gm.graph, remap))
+    attributes = {n.target: fetch_attr(gm, n.target) for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
+    module = torch.fx.GraphModule(attributes, graph, class_name=type(gm).__name__)
+    for source, axes in prop.axes.items():
+        node = remap[source]
+        if source.target == aten.slice.Tensor and REST in axes.values() and prop.of(source.args[0]) is not None \
+                and REST not in prop.of(source.args[0]).values():
+            node.replace_all_uses_with(node.args[0])  # the rest reads every token
+    for join in prop.splits:
+        node = remap[join]
+        node.args = ([node.args[0][1]], *node.args[1:])
+    changed = True
+    while changed:  # the leading copy, now unread (observers included, which DCE keeps)
+        changed = False
+        for node in reversed(list(graph.nodes)):
+            if node.op in ("call_function", "call_module", "get_attr") and not node.users:
+                graph.erase_node(node)
+                changed = True
+    graph.lint()
+    module.recompile()
+    used = {n.target for n in graph.nodes if n.op in ("get_attr", "call_module")}
+    for name in [n for n in attributes if n not in used and "." not in n]:
+        delattr(module, name)
+    return module
 
 
 def derive_prefill(gm: torch.fx.GraphModule, tokens: int | None = None) -> CachedGraph:
