@@ -846,6 +846,17 @@ def _propagate_shapes(module: torch.fx.GraphModule, example: list[torch.Tensor],
                                       "rewrite did not follow is baked in here", node.name)
 
 
+def _rename_edge(reader: torch.fx.Node, old: str, new: str) -> None:
+    """A re-quantizing edge recorded on `reader` under input name `old` now reads `new`."""
+    from quantnpu.graph.meta import tensor_quant, update_tensor_quant
+
+    record = tensor_quant(reader)
+    if record is None or old not in dict(record.input_bits) | dict(record.input_encodings):
+        return
+    update_tensor_quant(reader, input_bits=tuple((new if n == old else n, b) for n, b in record.input_bits),
+                        input_encodings=tuple((new if n == old else n, e) for n, e in record.input_encodings))
+
+
 def leading_tokens(gm: torch.fx.GraphModule) -> int:
     """How many leading positions SplitLeadingTokens gave their own MLP copies in `gm` (0: none)."""
     return _analyze(gm).prop.lead or 0
@@ -871,10 +882,29 @@ def unsplit_leading_tokens(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         node = remap[source]
         if source.target == aten.slice.Tensor and REST in axes.values() and prop.of(source.args[0]) is not None \
                 and REST not in prop.of(source.args[0]).values():
+            whole = node.args[0]
+            while _is_observer(module, whole):
+                whole = whole.args[0]
+            readers, frontier = [], list(node.users)
+            while frontier:  # through the observers to the ops reading the slice
+                reader = frontier.pop()
+                (frontier.extend if _is_observer(module, reader) else readers.append)(
+                    list(reader.users) if _is_observer(module, reader) else reader)
+            for reader in readers:
+                _rename_edge(reader, node.name, whole.name)  # a re-quantizing edge from the slice reads the whole
             node.replace_all_uses_with(node.args[0])  # the rest reads every token
+    from quantnpu.graph.meta import tensor_quant, update_tensor_quant
+
     for join in prop.splits:
         node = remap[join]
+        head = node.args[0][0]
+        while _is_observer(module, head):
+            head = head.args[0]
         node.args = ([node.args[0][1]], *node.args[1:])
+        record = tensor_quant(node)
+        if record is not None:  # the join no longer reads the leading copy: its edge goes with it
+            update_tensor_quant(node, input_bits=tuple((n, b) for n, b in record.input_bits if n != head.name),
+                                input_encodings=tuple((n, e) for n, e in record.input_encodings if n != head.name))
     changed = True
     while changed:  # the leading copy, now unread (observers included, which DCE keeps)
         changed = False
