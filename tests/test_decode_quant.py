@@ -1,4 +1,4 @@
-"""One pipeline run, one set of encodings (quantnpu.graph.decode_quant): the prefill and decode Q/DQ
+"""One pipeline run, one set of encodings (quantnpu.passes.decode_quant): the prefill and decode Q/DQ
 graphs of a fake-quant decoder, and their `.pte` with `prefill` and `decode` methods on the HTP
 simulator (quantnpu.lowering.cached). Tiny models only."""
 
@@ -9,7 +9,7 @@ import torch
 
 from quantnpu.errors import GraphStructureError
 from quantnpu.graph.decode import KvCacheRunner
-from quantnpu.graph.decode_quant import _compare, convert_cached
+from quantnpu.passes.decode_quant import _compare, convert_cached
 from quantnpu.graph.equivalence import sample_token_ids
 from quantnpu.models.export import export_causal_lm
 from quantnpu.models.tiny import tiny_model

@@ -60,7 +60,7 @@ cache gets (today K's is the 16-bit RoPE output's) is the quantization step's de
 Not supported yet: positions >= S (the folded tables and the mask end there: export at the
 context length wanted), sliding-window masks narrower than S, caches shared across layers
 (each attention must have its own), batch rows at different positions, and converted
-Q/DQ graphs (derive before conversion and convert both; `quantnpu.graph.decode_quant` does).
+Q/DQ graphs (derive before conversion and convert both; `quantnpu.passes.decode_quant` does).
 
 SplitLeadingTokens' split (`cat([mlp(x[:, :k]), mlp(x[:, k:])])`) is the one slice of the tokens
 understood: in a prefill the head keeps its k tokens and the rest is resized to P - k (position 0

@@ -32,9 +32,7 @@ import torch
 
 from quantnpu.errors import DelegationError
 from quantnpu.fileio import atomic_path
-from quantnpu.graph.decode_quant import QdqCachedPair
 from quantnpu.lowering import qnn_sdk
-from quantnpu.quantizers.encodings import Encoding
 
 METHODS = ("prefill", "decode")
 METADATA_METHOD = "get_quantnpu_metadata"
@@ -54,14 +52,14 @@ class CachedLoweringResult:
     size_bytes: int = 0
 
 
-def _encoding_json(encoding: Encoding | None) -> dict | None:
+def _encoding_json(encoding: "quantnpu.quantizers.encodings.Encoding | None") -> dict | None:
     if encoding is None:
         return None
     return {"bits": encoding.bits, "scale": encoding.scale[0], "zero_point": encoding.zero_point,
             "storage_offset": 2 ** (encoding.bits - 1)}
 
 
-def cached_metadata(pair: QdqCachedPair, vocab_size: int, eos_ids: tuple[int, ...] = ()) -> dict:
+def cached_metadata(pair: "quantnpu.passes.decode_quant.QdqCachedPair", vocab_size: int, eos_ids: tuple[int, ...] = ()) -> dict:
     """What the program says about itself (the JSON of `get_quantnpu_metadata`)."""
     return {
         "format": "quantnpu-kv-1",
@@ -85,7 +83,7 @@ def cached_metadata(pair: QdqCachedPair, vocab_size: int, eos_ids: tuple[int, ..
     }
 
 
-def example_inputs(pair: QdqCachedPair) -> dict[str, tuple[torch.Tensor, ...]]:
+def example_inputs(pair: "quantnpu.passes.decode_quant.QdqCachedPair") -> dict[str, tuple[torch.Tensor, ...]]:
     """Float example inputs of the two Q/DQ graphs (what torch.export traces them with)."""
     prefill, decode = pair.prefill, pair.decode
     batch = prefill.k_shapes[0][0]
@@ -121,7 +119,7 @@ def _quant_io_tagger(marked: list[str]):
     return dtype_of
 
 
-def lower_cached_to_qnn(pair: QdqCachedPair, pte_path: str | Path, soc: str = "SM8650", vocab_size: int | None = None,
+def lower_cached_to_qnn(pair: "quantnpu.passes.decode_quant.QdqCachedPair", pte_path: str | Path, soc: str = "SM8650", vocab_size: int | None = None,
                         eos_ids: tuple[int, ...] = ()) -> CachedLoweringResult:
     """Lower both Q/DQ graphs of `pair` into one `.pte` (methods `prefill` and `decode`, one QNN
     delegate each, the cache and mask as integer I/O; see the module docstring), written
