@@ -13,7 +13,7 @@ saying what it needs and what to change, instead of being killed by the kernel h
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -92,7 +92,6 @@ class RunEstimate:
     peak_mib: dict[str, float]
     seconds: dict[str, float]
     available_mib: float | None = None
-    notes: list[str] = field(default_factory=list)
 
     @property
     def peak_stage(self) -> str:
@@ -137,7 +136,7 @@ def available_memory_mib() -> float | None:
     return fields.get("MemAvailable", fields.get("MemFree", 0)) / 1024 + resident_mib()
 
 
-def check_fits(estimate: RunEstimate, source: str, margin: float = 1.0) -> None:
+def check_fits(estimate: RunEstimate, source: str) -> None:
     """A one-line QuantNpuError if the estimated peak exceeds the available memory, naming what brings the
     peak down: without --eval when an evaluation stage sets it; otherwise how much memory it needs, and
     --no-memory-check to try anyway."""
@@ -145,11 +144,11 @@ def check_fits(estimate: RunEstimate, source: str, margin: float = 1.0) -> None:
     if available is None:
         return
     peak = max(estimate.peak_mib.values())
-    if peak * margin <= available:
+    if peak <= available:
         return
     need = f"{source}: the run would need ~{peak / 1024:.1f} GiB (set by {estimate.peak_stage}) and this machine has {available / 1024:.1f} GiB available"
     without_eval = {k: v for k, v in estimate.peak_mib.items() if not k.startswith("eval ")}
-    if estimate.peak_stage.startswith("eval ") and without_eval and max(without_eval.values()) * margin <= available:
+    if estimate.peak_stage.startswith("eval ") and without_eval and max(without_eval.values()) <= available:
         raise QuantNpuError(f"{need}; without --eval it needs ~{max(without_eval.values()) / 1024:.1f} GiB "
                             "(evaluate the .pte later, or pass --no-memory-check to try anyway)")
     raise QuantNpuError(f"{need}; no option of this command brings it under that: use a machine with more memory, "
