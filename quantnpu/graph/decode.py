@@ -947,6 +947,8 @@ class KvCacheRunner:
         self.k = [torch.zeros(s, dtype=dtype) for s in decode.k_shapes]
         self.v = [torch.zeros(s, dtype=dtype) for s in decode.v_shapes]
         self.length = 0
+        self.prefill_tokens, self.cache_slots, self.decode_tokens = prefill.tokens, decode.cache_slots, decode.tokens
+        self.leading_tokens = 0  # the graphs' own check: a split prefill is longer than its leading tokens
 
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
         """Run the prompt `ids [B, t]` (t <= P) from position 0, padded on the right; returns the

@@ -69,6 +69,8 @@ class CachedPte:
         self.k = [self._zeros(s, e) for s, e in zip(self.meta["k_shapes"], self.meta["k_cache"])]
         self.v = [self._zeros(s, e) for s, e in zip(self.meta["v_shapes"], self.meta["v_cache"])]
         self.length = 0
+        self.prefill_tokens, self.cache_slots = self.meta["prefill_tokens"], self.meta["cache_slots"]
+        self.decode_tokens, self.leading_tokens = self.meta["decode_tokens"], self.meta["leading_tokens"]
 
     def _zeros(self, shape, encoding) -> torch.Tensor:
         return to_codes(torch.zeros(shape), encoding, self.dtypes[encoding["bits"]])
