@@ -38,3 +38,24 @@ def test_windows_are_consecutive_and_non_overlapping():
     assert token_windows(tokens, 16).shape == (6, 16)
     with pytest.raises(QuantNpuError, match="asked for 7 windows of 16 tokens, the split has 6"):
         token_windows(tokens, 16, 7)
+
+
+def test_windows_start_with_the_tokenizers_special_prefix():
+    """A tokenizer that puts a BOS before text (Gemma's) gets it first in every window, the text's
+    tokens consecutive after it; SmolLM2's adds none, so its windows are the plain stream's."""
+    from quantnpu.models.corpus import special_prefix, windows_for
+    from quantnpu.models.smollm2 import load_tokenizer
+
+    windows = token_windows(torch.arange(10, 100), 16, 3, prefix=[2])
+    assert torch.equal(windows[:, 0], torch.tensor([2, 2, 2]))
+    assert torch.equal(windows[:, 1:].flatten(), torch.arange(10, 55))
+
+    class WithBos:
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": ([2] if add_special_tokens else []) + [ord(c) for c in text]}
+
+    assert special_prefix(WithBos()) == [2]
+    smollm2 = load_tokenizer()
+    assert special_prefix(smollm2) == []
+    plain = windows_for(smollm2, None, "evaluation", 32, 2)
+    assert plain[0, 0] != smollm2.bos_token_id and plain.shape == (2, 32)

@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,16 +134,31 @@ def split_tokens(tokenizer, split: str, eval_fraction: float = 0.1) -> torch.Ten
     return ids
 
 
-def token_windows(tokens: torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
-    """Non-overlapping `[n, seq_len]` windows from the start of a 1-D token stream."""
-    if seq_len <= 0:
-        raise QuantNpuError(f"seq_len must be positive, got {seq_len}")
-    count = tokens.numel() // seq_len
+def token_windows(tokens: torch.Tensor, seq_len: int, max_windows: int | None = None, prefix: Sequence[int] = ()) -> torch.Tensor:
+    """Non-overlapping `[n, seq_len]` windows from the start of a 1-D token stream; with `prefix`
+    (a tokenizer's BOS: `special_prefix`) each window is the prefix then seq_len - len(prefix) tokens."""
+    if seq_len <= len(prefix):
+        raise QuantNpuError(f"seq_len must be longer than the {len(prefix)} prefix token(s), got {seq_len}")
+    body = seq_len - len(prefix)
+    count = tokens.numel() // body
     if max_windows is not None:
         if max_windows > count:
             raise QuantNpuError(f"asked for {max_windows} windows of {seq_len} tokens, the split has {count}")
         count = max_windows
-    return tokens[: count * seq_len].reshape(count, seq_len)
+    windows = tokens[: count * body].reshape(count, body)
+    if prefix:
+        windows = torch.cat([torch.tensor(list(prefix), dtype=tokens.dtype).expand(count, len(prefix)), windows], 1)
+    return windows
+
+
+def special_prefix(tokenizer) -> list[int]:
+    """The special tokens the tokenizer puts before any text (Gemma's `<bos>`; none for SmolLM2).
+    Windows start with them, as the model's own inputs do: a model trained with a BOS first is far
+    from itself without it (Gemma-3-270M on Brown: float perplexity 585 without, 86 with)."""
+    marked = list(tokenizer("x")["input_ids"])
+    plain = list(tokenizer("x", add_special_tokens=False)["input_ids"])
+    extra = len(marked) - len(plain)
+    return marked[:extra] if extra > 0 and marked[extra:] == plain else []
 
 
 def read_text_file(path: str | Path) -> str:
@@ -182,12 +198,14 @@ def text_tokens(tokenizer, path: str | Path) -> torch.Tensor:
 
 
 def windows_for(tokenizer, source: str | Path | None, split: str, seq_len: int, count: int) -> torch.Tensor:
-    """`count` windows of `seq_len` tokens: from a user's text file, or from the Brown `split`."""
+    """`count` windows of `seq_len` tokens: from a user's text file, or from the Brown `split`, each
+    starting with the tokenizer's special prefix (`special_prefix`)."""
     from quantnpu.errors import InputFileError
 
+    prefix = special_prefix(tokenizer)
     if source is None:
-        return token_windows(split_tokens(tokenizer, split), seq_len, count)
+        return token_windows(split_tokens(tokenizer, split), seq_len, count, prefix)
     tokens = text_tokens(tokenizer, source)
-    if tokens.numel() < count * seq_len:
-        raise InputFileError(f"{source}: {tokens.numel()} tokens, fewer than the {count} x {seq_len} asked for")
-    return token_windows(tokens, seq_len, count)
+    if tokens.numel() < count * (seq_len - len(prefix)):
+        raise InputFileError(f"{source}: {tokens.numel()} tokens, fewer than the {count} x {seq_len - len(prefix)} asked for")
+    return token_windows(tokens, seq_len, count, prefix)
