@@ -176,6 +176,47 @@ def test_end_to_end_on_a_tiny_model(end_to_end):
     assert {e.bits for e in activations.values()} == {8, 16}
 
 
+def test_decode_program_end_to_end_and_generate(tmp_path, tiny_pt2):
+    """`--decode`: one .pte with prefill and decode methods (its metadata in the record), the
+    encodings file covering both graphs' cache inputs, perplexity through prefill + decode steps;
+    then `quantnpu generate` streams a greedy continuation from it and reports tokens/s."""
+    output, encodings = tmp_path / "tiny.pte", tmp_path / "encodings.json"
+    result = _lower(tiny_pt2, "-o", output, "--decode", "--prefill-tokens", "8", "--calib-windows", "2", "--steps", "2",
+                    "--eval", "--eval-windows", "1", "-q", "--encodings", encodings)
+    assert result.returncode == 0, result.stdout + result.stderr
+    record = json.loads(output.with_suffix(".json").read_text())
+    decode = record["decode"]
+    assert (decode["prefill_tokens"], decode["cache_slots"], decode["decode_tokens"]) == (8, 15, 1)
+    assert decode["methods"] == ["prefill", "decode"] and record["delegates"] == {"prefill": 1, "decode": 1}
+    assert decode["eos_ids"] == [2]  # SmolLM2's tokenizer and generation config
+    split = any(layer["split"] for layer in record["leading_split"]["layers"])  # auto: the random model's MLPs decide
+    assert decode["leading_tokens"] == (1 if split else 0)
+    assert record["outside_delegates"] == {"prefill": [], "decode": []}
+    assert {c["bits"] for c in decode["k_cache"] + decode["v_cache"]} == {8}
+    table = read_encodings(encodings)
+    assert {"k_cache_0", "v_cache_0", "attention_mask"} <= set(table.activations)
+    ppl = record["evaluation"]
+    assert ppl["pte_htp_simulator"]["ppl"] == pytest.approx(ppl["fake_quant"]["ppl"], rel=0.05)
+    generated = subprocess.run([sys.executable, "-m", "quantnpu", "generate", str(output), "--prompt", "The cat",
+                                "--max-new-tokens", "3"], capture_output=True, text=True, timeout=600)
+    assert generated.returncode == 0, generated.stdout + generated.stderr
+    assert generated.stdout.strip()  # the text of 3 random-model tokens
+    last = generated.stderr.strip().splitlines()[-1]
+    assert "stopped after 3 new tokens" in last and "decode" in last and "tokens/s" in last, generated.stderr
+    backend_lines = [line for line in (generated.stdout + generated.stderr).splitlines() if "INFO" in line or "[Qnn" in line]
+    assert not backend_lines, backend_lines[:5]
+
+
+def test_decode_flag_errors(tiny_pt2, tmp_path):
+    _assert_one_line_error(_lower(tiny_pt2, "--prefill-tokens", "8"), r"--prefill-tokens sizes the prefill \+ decode program: add --decode")
+    _assert_one_line_error(_lower(tiny_pt2, "--decode", "--quant", "et-8a8w"), r"--decode needs --quant quantnpu")
+    _assert_one_line_error(_lower(tiny_pt2, "--decode", "--cache-slots", "16", "-o", tmp_path / "x.pte"),
+                           r"--cache-slots 16 and one decode token reach position 16, beyond the exported 16 positions")
+    _assert_one_line_error(_lower(tiny_pt2, "--decode", "--cache-slots", "6", "--prefill-tokens", "8", "-o", tmp_path / "x.pte"),
+                           r"--prefill-tokens 8: .* cache of 6 slots")
+    assert not list(tmp_path.iterdir())
+
+
 def test_check_agreement_reports_per_layer(tmp_path, tiny_pt2):
     output = tmp_path / "tiny.pte"
     result = _lower(tiny_pt2, "-o", output, "--calib-windows", "2", "--bits", "8-8-8", "--steps", "2", "--check-agreement", "-q")

@@ -18,6 +18,7 @@ from quantnpu.cli.common import Stages, check_positive
 from quantnpu.errors import QuantNpuError
 
 SMOLLM2_VOCAB = 49152
+DEFAULT_PREFILL_TOKENS = 32
 _RESULT_NAMES = {"float_graph": "float (input graph)", "fake_quant": "fake-quant (Q/DQ)", "pte_htp_simulator": ".pte, HTP simulator"}
 
 
@@ -110,6 +111,19 @@ def add_beyond_flags(parser: argparse.ArgumentParser) -> None:
                        help=f"how many leading positions --split-leading separates (shipped {SHIPPED.leading_split.tokens})")
 
 
+def add_decode_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "prefill + decode", "a program that generates text (`quantnpu generate`): the prefill and KV-cache decode graphs are "
+        "derived from the pipeline's fake-quant graph and converted with its one set of encodings (README 'Generation')")
+    group.add_argument("--decode", action="store_true",
+                       help="write one .pte with methods prefill and decode instead of the fixed-length forward; with --eval "
+                            "the .pte's perplexity is measured through them (prefill, then one decode step per token)")
+    group.add_argument("--prefill-tokens", type=int, metavar="P", help="tokens per prefill call (default: the smaller of "
+                       f"{DEFAULT_PREFILL_TOKENS} and the exported length); a longer prompt goes on in decode steps")
+    group.add_argument("--cache-slots", type=int, metavar="C", help="K/V cache slots per layer (default: the exported length "
+                       "- 1, so positions reach the export's last; RoPE tables end there)")
+
+
 def add_data_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("calibration and evaluation text")
     group.add_argument("--calib-windows", type=int, default=16, help="calibration windows (of the model's sequence length)")
@@ -147,7 +161,8 @@ def lower_parser() -> argparse.ArgumentParser:
         prog="quantnpu-lower",
         description="Quantize a decoder LM .pt2 (input_ids -> logits) and lower it to a QNN HTP .pte.",
     )
-    for add in (add_input_flags, add_plan_flags, add_stage_one_flags, add_beyond_flags, add_data_flags, add_output_flags):
+    for add in (add_input_flags, add_plan_flags, add_stage_one_flags, add_beyond_flags, add_decode_flags, add_data_flags,
+                add_output_flags):
         add(parser)
     return parser
 
@@ -305,6 +320,9 @@ class LowerJob:
     keep_checkpoint: bool            # the user named the checkpoint: it stays after a finished run
     memory_check: bool               # stop before the passes if the estimated peak does not fit
     quiet: bool
+    decode: bool = False             # a prefill + decode program instead of the forward
+    prefill_tokens: int | None = None
+    cache_slots: int | None = None
 
     @staticmethod
     def from_args(args: argparse.Namespace) -> LowerJob:
@@ -316,6 +334,14 @@ class LowerJob:
             raise QuantNpuError(f"unknown rotation {args.rotate!r}: choose one of {', '.join(ROTATIONS)}")
         if args.encodings and args.quant != "quantnpu":
             raise QuantNpuError("--encodings needs --quant quantnpu")
+        if args.decode and args.quant != "quantnpu":
+            raise QuantNpuError(f"--decode needs --quant quantnpu (its encodings are applied to both graphs), not {args.quant}")
+        for flag in ("--prefill-tokens", "--cache-slots"):
+            value = _flag_value(args, flag)
+            if value is not None:
+                if not args.decode:
+                    raise QuantNpuError(f"{flag} sizes the prefill + decode program: add --decode")
+                check_positive(flag, value)
         check_positive("--calib-windows", args.calib_windows)
         check_positive("--eval-windows", args.eval_windows)
         from quantnpu.models.corpus import read_text_file
@@ -339,7 +365,8 @@ class LowerJob:
             calib_windows=args.calib_windows, calib_text=args.calib_text, evaluate=args.eval, eval_windows=args.eval_windows,
             eval_text=args.eval_text, tokenizer=args.tokenizer, encodings=args.encodings, stop_after=args.stop_after,
             verify=not args.no_verify, allow_cpu_ops=args.allow_cpu_ops, check_agreement=args.check_agreement,
-            keep_checkpoint=args.checkpoint is not None, memory_check=not args.no_memory_check, quiet=args.quiet)
+            keep_checkpoint=args.checkpoint is not None, memory_check=not args.no_memory_check, quiet=args.quiet,
+            decode=args.decode, prefill_tokens=args.prefill_tokens, cache_slots=args.cache_slots)
 
 
 # ---- the stages ---------------------------------------------------------------------------------
@@ -387,12 +414,29 @@ def output_vocab(gm, path: Path) -> int:
 
 @dataclass
 class Loaded:
-    """The input program and what is read from it."""
+    """The input program and what is read from it (with --decode, the two graphs' sizes)."""
 
     gm: object
     batch: int
     seq_len: int
     tokenizer: object
+    vocab: int = 0
+    prefill_tokens: int = 0
+    cache_slots: int = 0
+
+
+def decode_sizes(job: LowerJob, seq_len: int, path: Path) -> tuple[int, int]:
+    """(P, C) of the prefill + decode program: the flags' or the defaults, checked against the
+    exported length (a position beyond it has no RoPE row)."""
+    slots = job.cache_slots if job.cache_slots is not None else seq_len - 1
+    if slots + 1 > seq_len:
+        raise QuantNpuError(f"{path}: --cache-slots {slots} and one decode token reach position {slots}, beyond the "
+                            f"exported {seq_len} positions: at most {seq_len - 1}, or export with a longer --seq-len")
+    prefill = job.prefill_tokens if job.prefill_tokens is not None else min(DEFAULT_PREFILL_TOKENS, slots)
+    if prefill > slots:
+        raise QuantNpuError(f"--prefill-tokens {prefill}: the prefill writes its K/V into the cache of {slots} slots: "
+                            f"at most {slots}")
+    return prefill, slots
 
 
 def load(job: LowerJob, stages: Stages) -> Loaded:
@@ -408,14 +452,19 @@ def load(job: LowerJob, stages: Stages) -> Loaded:
     if len(tokenizer) > vocab:
         raise QuantNpuError(f"{job.model}: the model predicts {vocab} tokens but the tokenizer has {len(tokenizer)}; "
                             "pass --tokenizer with the model's own tokenizer")
-    return Loaded(gm, batch, seq_len, tokenizer)
+    loaded = Loaded(gm, batch, seq_len, tokenizer, vocab)
+    if job.decode:
+        if batch != 1:
+            raise QuantNpuError(f"{job.model}: --decode needs a batch-1 program, this one has batch {batch}")
+        loaded.prefill_tokens, loaded.cache_slots = decode_sizes(job, seq_len, job.model)
+    return loaded
 
 
 def estimate(job: LowerJob, loaded: Loaded):
     """The model's size and the run's estimated peak and time, printed; a run that would not fit stops here."""
     from quantnpu.estimate import check_fits, estimate_run, model_size
 
-    size = model_size(loaded.gm, output_vocab(loaded.gm, job.model), loaded.batch, loaded.seq_len)
+    size = model_size(loaded.gm, loaded.vocab, loaded.batch, loaded.seq_len)
     stages = ["passes"] if job.stop_after else ["passes", "lower"]
     if job.evaluate and not job.stop_after:
         stages += ["eval float", "eval fake-quant", "eval .pte"]
@@ -439,19 +488,24 @@ def run_passes(job: LowerJob, gm, batches: list, stages: Stages, rank: int):
     from quantnpu.passes import PassManager
     from quantnpu.pipeline import pipeline
 
+    from quantnpu.pipeline import fake_quant_end
+
     passes = pipeline(job.plan if job.plan is not None else job.quant, batches, job.recipe, soc=job.soc,
                       strict=job.strict_rotation, progress=not job.quiet)
+    stop = job.stop_after
+    if job.decode and stop is None:  # the prefill and decode graphs are derived from the fake-quant graph
+        stop = fake_quant_end(passes)
     # under torchrun the other ranks only help with stage one; rank 0 does everything else
-    manager = PassManager(passes, stop_after="LearnEncodings" if rank else job.stop_after,
+    manager = PassManager(passes, stop_after="LearnEncodings" if rank else stop,
                           progress=not job.quiet and rank == 0, verify=job.verify)
     quantized = stages.run("passes", lambda: manager.run(gm))
     return passes, manager, quantized
 
 
-def quantnpu_record(job: LowerJob, passes, quantized) -> dict:
-    """The run record's fields for static encodings (and the encodings file, if asked for)."""
+def quantnpu_record(job: LowerJob, passes, quantized, table) -> dict:
+    """The run record's fields for static encodings (and the encodings file, if asked for).
+    `quantized`: a converted (Q/DQ) graph; `table`: the encodings (EncodingTable) the program uses."""
     from quantnpu.passes import AssignBitWidths, FuseRotations, PlanBitWidths, SmoothUnrotatedInputs, SplitLeadingTokens, StaticCalibration
-    from quantnpu.passes.convert import ENCODINGS_META
     from quantnpu.passes.learn_encodings import LearnEncodings
     from quantnpu.passes.round_weights import RoundWeightsGptq
     from quantnpu.pipeline import find_pass
@@ -470,7 +524,6 @@ def quantnpu_record(job: LowerJob, passes, quantized) -> dict:
     learned = find_pass(passes, LearnEncodings)
     if learned is not None:
         say(learned.report())
-    table = quantized.meta[ENCODINGS_META]
     extra = {"bits": job.plan.name.split()[0], "htp_deviations": [asdict(d) for d in deviations], "linear_bits": linear_bit_grid(quantized),
              "encodings": {"activations": len(table.activations), "params": len(table.params), "requantized_inputs": len(table.edges)}}
     if assign is not None:
@@ -520,17 +573,52 @@ def evaluate_float(job: LowerJob, loaded: Loaded, stages: Stages):
     return stages.run("eval float", lambda: perplexity(loaded.gm, windows, "float graph", not job.quiet))
 
 
+def pte_forward(job: LowerJob, pte_path: Path):
+    """`ids [1, S] -> logits [1, S, V]` of the written program: its forward method, or with --decode
+    the prefill and then one decode step per token through the KV cache (teacher forcing)."""
+    if not job.decode:
+        from quantnpu.runtime_harness.pte import PteModel
+
+        return PteModel(pte_path)
+    from quantnpu.runtime_harness.generate import Generator
+    from quantnpu.runtime_harness.pte import CachedPte
+
+    generator = Generator(CachedPte(pte_path), tokenizer=None)
+    return lambda ids: generator.prompt_logits(ids[0].tolist())[None]
+
+
+def lower_decode(job: LowerJob, loaded: Loaded, fake_quant, stages: Stages):
+    """The prefill + decode Q/DQ graphs (one set of encodings) lowered into one .pte: (pair, lowered)."""
+    from quantnpu.lowering.cached import lower_cached_to_qnn
+    from quantnpu.passes.decode_quant import convert_cached
+    from quantnpu.runtime_harness.generate import model_eos_ids
+
+    pair = stages.run("prefill + decode graphs", lambda: convert_cached(fake_quant, loaded.prefill_tokens, loaded.cache_slots,
+                                                                        soc=job.soc))
+    eos = model_eos_ids(loaded.tokenizer, tokenizer_dir(job.tokenizer))
+    lowered = stages.run("lower", lambda: lower_cached_to_qnn(pair, job.output, job.soc, loaded.vocab, eos))
+    return pair, lowered
+
+
+def tokenizer_dir(directory: str | None) -> Path:
+    """The folder of the tokenizer (and the model's generation config): --tokenizer's, or SmolLM2's."""
+    if directory is not None:
+        return Path(directory)
+    from quantnpu.models.smollm2 import smollm2_cache_dir
+
+    return smollm2_cache_dir()
+
+
 def evaluate(job: LowerJob, loaded: Loaded, float_result, quantized, pte_path: Path, stages: Stages) -> dict:
     """Perplexity of the Q/DQ graph and the .pte on the float graph's windows; prints the table."""
     from quantnpu.runtime_harness.perplexity import perplexity
-    from quantnpu.runtime_harness.pte import PteModel
 
     windows = evaluation_windows(job, loaded)
     progress = not job.quiet
     results = {
         "float_graph": float_result,
         "fake_quant": stages.run("eval fake-quant", lambda: perplexity(quantized, windows, "Q/DQ graph", progress)),
-        "pte_htp_simulator": stages.run("eval .pte", lambda: perplexity(PteModel(pte_path), windows, ".pte on HTP simulator", progress)),
+        "pte_htp_simulator": stages.run("eval .pte", lambda: perplexity(pte_forward(job, pte_path), windows, ".pte on HTP simulator", progress)),
     }
     print(f"\n{'':<22}{'ppl':>10}   ({job.eval_windows} windows x {loaded.seq_len} tokens of {job.eval_text or 'Brown evaluation'})")
     for name, result in results.items():
@@ -570,15 +658,33 @@ def lower(job: LowerJob) -> int:
 
         print(graph_text(quantized))
         return 0
-    extra = quantnpu_record(job, passes, quantized) if job.plan is not None else {}
     stage_one = job.recipe.stage_one if job.plan is not None else None
+    pass_records = list(manager.records)
+    if job.decode:
+        pair, lowered = lower_decode(job, loaded, quantized, stages)
+        extra = quantnpu_record(job, passes, pair.prefill.module, pair.encodings)
+        extra["decode"] = {**lowered.metadata, "quantized_io": lowered.quantized_io, "checked_tensors": pair.checked}
+        del pair
+        print(f"wrote {lowered.pte_path} ({lowered.size_bytes / 2**20:.1f} MiB; methods prefill ({lowered.metadata['prefill_tokens']} "
+              f"tokens) and decode (1 token, {lowered.metadata['cache_slots']} cache slots), "
+              f"{sum(lowered.delegates.values())} QNN delegates)")
+        if job.evaluate or job.check_agreement:  # the full-sequence Q/DQ graph, for its perplexity and the taps
+            from quantnpu.passes import PassManager
+            from quantnpu.pipeline import fake_quant_end
+
+            finish = PassManager(passes, verify=False)
+            quantized = stages.run("convert full sequence", lambda: finish.run(quantized, start_after=fake_quant_end(passes)))
+            pass_records += finish.records
+    else:
+        from quantnpu.lowering.lower import lower_to_qnn
+        from quantnpu.passes.convert import ENCODINGS_META
+
+        extra = quantnpu_record(job, passes, quantized, quantized.meta[ENCODINGS_META]) if job.plan is not None else {}
+        lowered = stages.run("lower", lambda: lower_to_qnn(quantized, (batches[0],), job.output, job.soc, job.allow_cpu_ops))
+        print(f"wrote {lowered.pte_path} ({lowered.size_bytes / 2**20:.1f} MiB, {lowered.delegates} QNN delegate(s)"
+              + (f", {len(lowered.outside_delegates)} op(s) on CPU" if lowered.outside_delegates else "") + ")")
     if stage_one is not None and not job.keep_checkpoint:
         Path(stage_one.checkpoint).unlink(missing_ok=True)  # finished: the default checkpoint has served
-    from quantnpu.lowering.lower import lower_to_qnn
-
-    lowered = stages.run("lower", lambda: lower_to_qnn(quantized, (batches[0],), job.output, job.soc, job.allow_cpu_ops))
-    print(f"wrote {lowered.pte_path} ({lowered.size_bytes / 2**20:.1f} MiB, {lowered.delegates} QNN delegate(s)"
-          + (f", {len(lowered.outside_delegates)} op(s) on CPU" if lowered.outside_delegates else "") + ")")
     record = {
         "tool": "quantnpu-lower", "model": str(job.model), "pte": str(lowered.pte_path),
         "quant": job.quant, "recipe": job.recipe.as_dict() if job.plan is not None else {"rotate": job.recipe.rotate},
@@ -586,7 +692,7 @@ def lower(job: LowerJob) -> int:
         "calibration": {"text": job.calib_text or "brown calibration split", "windows": job.calib_windows},
         "qnn_sdk": str(sdk.root), "delegates": lowered.delegates, **extra,
         "passes": [{"name": r.name, "seconds": round(r.seconds, 3), "peak_memory_mib": r.peak_memory_mib,
-                    "function_difference": r.function_difference, "summary": r.summary} for r in manager.records],
+                    "function_difference": r.function_difference, "summary": r.summary} for r in pass_records],
         "outside_delegates": lowered.outside_delegates, "pte_bytes": lowered.size_bytes,
         "estimate": {"parameters": guess.size.parameters, "peak_mib": {k: round(v, 1) for k, v in guess.peak_mib.items()},
                      "seconds": {k: round(v, 1) for k, v in guess.seconds.items()}},
