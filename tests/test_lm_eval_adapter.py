@@ -93,8 +93,31 @@ def test_rolling_loglikelihood_scores_every_token_once(setting):
 
 def test_generation_is_refused_with_a_reason(setting):
     _, graph, tokenizer = setting
-    with pytest.raises(QuantNpuError, match="fixed length and no KV cache"):
+    with pytest.raises(QuantNpuError, match="need a prefill \\+ decode program"):
         QuantNpuLM(graph, tokenizer, SEQ).generate_until([_Request("a", {})])
+
+
+def test_generate_until_through_the_cache_is_transformers_greedy_generate(setting):
+    """With a Generator over the derived prefill + decode graphs, generate_until's text is what
+    transformers' own greedy `generate` (KV cache) continues the context with, cut at a stop string."""
+    from quantnpu.graph.decode import KvCacheRunner, derive_decode, derive_prefill
+    from quantnpu.passes import AnnotateRoles, Canonicalize, FoldConstants, PassManager
+    from quantnpu.runtime_harness.generate import Generator
+
+    model, graph, tokenizer = setting
+    front = PassManager([Canonicalize(), FoldConstants(), AnnotateRoles()]).run(export_causal_lm(model, SEQ).module())
+    generator = Generator(KvCacheRunner(derive_prefill(front, 8), derive_decode(front, SEQ - 1)), tokenizer)
+    lm = QuantNpuLM(graph, tokenizer, SEQ, progress=False, generator=generator)
+    context = "The jury said it did find that many of"
+    ids = torch.tensor([lm._encode(context)])
+    with torch.no_grad():
+        expected = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=True)[0, ids.shape[1]:]
+    text = tokenizer.decode(expected, skip_special_tokens=True)
+    (whole,) = lm.generate_until([_Request(context, {"until": [], "max_gen_toks": 6})])
+    assert whole == text
+    stop = text[len(text) // 2:][:2]
+    (cut,) = lm.generate_until([_Request(context, {"until": [stop], "max_gen_toks": 6})])
+    assert cut == text[:text.index(stop)]
 
 
 def test_last_word_passages_from_brown():

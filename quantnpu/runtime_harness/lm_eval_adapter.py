@@ -5,8 +5,10 @@ fake-quant or Q/DQ graph, and the `.pte` on the HTP simulator.
 is fixed by the export (a `.pte` cannot take another): each request is laid out from the first
 position and padded on the right, which a causal model never reads, and its context is cut from the
 left where it does not fit. `loglikelihood` and `loglikelihood_rolling` are implemented (every
-multiple-choice and perplexity task); `generate_until` is not (a fixed-length program without a KV
-cache would re-run the whole window per token).
+multiple-choice and perplexity task); `generate_until` (generation tasks) needs a prefill + decode
+program: give `generator` (a `quantnpu.runtime_harness.generate.Generator`), which generates greedily
+(or with the request's temperature) until one of the request's stop strings, `max_gen_toks` tokens,
+EOS or a full cache; a context longer than the program's positions keeps its last tokens.
 
 `last_word_task` writes a local task (a YAML and its JSON Lines data) in the style of LAMBADA:
 predict the last word of a passage from the text before it. The hub's datasets cannot be fetched
@@ -37,11 +39,12 @@ class QuantNpuLM(LM):
     """lm-eval's model interface over a fixed-length `forward(input_ids) -> logits`."""
 
     def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], tokenizer, seq_len: int,
-                 name: str = "quantnpu", progress: bool = True) -> None:
+                 name: str = "quantnpu", progress: bool = True, generator=None) -> None:
         super().__init__()
         if seq_len < 2:
             raise QuantNpuError(f"seq_len must be at least 2, got {seq_len}")
         self.forward, self.tokenizer, self.seq_len, self.name, self.progress = forward, tokenizer, seq_len, name, progress
+        self.generator = generator
         prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         if prefix is None:
             raise QuantNpuError("the tokenizer has neither a BOS nor an EOS token to start a rolling window with")
@@ -103,8 +106,31 @@ class QuantNpuLM(LM):
         return results
 
     def generate_until(self, requests) -> list[str]:
-        raise QuantNpuError("generation tasks are not supported: the exported programs have a fixed length and no KV cache; "
-                            "use loglikelihood tasks (multiple choice, last word, perplexity)")
+        from quantnpu.runtime_harness.generate import Sampling
+
+        if self.generator is None:
+            raise QuantNpuError("generation tasks need a prefill + decode program (tools/lower.py --decode) given as "
+                                "QuantNpuLM(..., generator=Generator(...)); a fixed-length program has no KV cache")
+        results = []
+        for request in tqdm(requests, desc=f"{self.name} generate_until", disable=not self.progress):
+            context, options = request.args
+            options = dict(options or {})
+            until = options.pop("until", None) or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = int(options.pop("max_gen_toks", 256))
+            temperature = float(options.pop("temperature", 0.0)) if options.pop("do_sample", False) else 0.0
+            tokens = self._encode(context) or [self.prefix_token_id]
+            # the context keeps its last tokens where it and one new token would not fit
+            tokens = tokens[-(self.generator.positions - 1):] if len(tokens) >= self.generator.positions else tokens
+            max_new = max(1, min(max_new, self.generator.positions - len(tokens) + 1))
+            text = ""
+            for piece in self.generator.stream(tokens, max_new, Sampling(temperature=temperature)):
+                text += piece
+                if any(stop in text for stop in until):
+                    break
+            cut = min((text.index(stop) for stop in until if stop in text), default=len(text))
+            results.append(text[:cut])
+        return results
 
 
 _LAST_WORD = re.compile(r"^(?P<context>.*\S)\s+(?P<word>[A-Za-z]{2,})[\"'.!?;:,)]*$", re.S)
