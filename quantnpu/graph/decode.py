@@ -846,17 +846,6 @@ def _propagate_shapes(module: torch.fx.GraphModule, example: list[torch.Tensor],
                                       "rewrite did not follow is baked in here", node.name)
 
 
-def _rename_edge(reader: torch.fx.Node, old: str, new: str) -> None:
-    """A re-quantizing edge recorded on `reader` under input name `old` now reads `new`."""
-    from quantnpu.graph.meta import tensor_quant, update_tensor_quant
-
-    record = tensor_quant(reader)
-    if record is None or old not in dict(record.input_bits) | dict(record.input_encodings):
-        return
-    update_tensor_quant(reader, input_bits=tuple((new if n == old else n, b) for n, b in record.input_bits),
-                        input_encodings=tuple((new if n == old else n, e) for n, e in record.input_encodings))
-
-
 def leading_tokens(gm: torch.fx.GraphModule) -> int:
     """How many leading positions SplitLeadingTokens gave their own MLP copies in `gm` (0: none)."""
     return _analyze(gm).prop.lead or 0
@@ -864,7 +853,8 @@ def leading_tokens(gm: torch.fx.GraphModule) -> int:
 
 def unsplit_leading_tokens(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """`gm` without SplitLeadingTokens' split, as a copy over the same attributes: each split MLP's
-    rest copy reads every token (`x[:, k:]` becomes `x`), the leading copy is gone, and the join
+    rest copy reads every token (the slice `x[:, k:]` becomes the one-piece `cat([x])`, keeping its
+    node and encoding), the leading copy is gone, and the join
     `cat([lead, rest])` becomes the one-piece `cat([rest])`, keeping its node (so its encoding,
     and the edges into it, stay the ones stage two gave it). In float it is the same function; under
     the observers it is the split graph's function at every position >= k (the rest's encodings),
@@ -882,17 +872,11 @@ def unsplit_leading_tokens(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         node = remap[source]
         if source.target == aten.slice.Tensor and REST in axes.values() and prop.of(source.args[0]) is not None \
                 and REST not in prop.of(source.args[0]).values():
-            whole = node.args[0]
-            while _is_observer(module, whole):
-                whole = whole.args[0]
-            readers, frontier = [], list(node.users)
-            while frontier:  # through the observers to the ops reading the slice
-                reader = frontier.pop()
-                (frontier.extend if _is_observer(module, reader) else readers.append)(
-                    list(reader.users) if _is_observer(module, reader) else reader)
-            for reader in readers:
-                _rename_edge(reader, node.name, whole.name)  # a re-quantizing edge from the slice reads the whole
-            node.replace_all_uses_with(node.args[0])  # the rest reads every token
+            # the rest reads every token: the slice becomes the one-piece cat([x]) over its axis,
+            # keeping its node, so its own encoding (stage two calibrated it on positions >= k, apart
+            # from the whole's) and the edges out of it stay what the rest copy reads in the prefill
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            node.target, node.args, node.kwargs = aten.cat.default, ([node.args[0]], dim), {}
     from quantnpu.graph.meta import tensor_quant, update_tensor_quant
 
     for join in prop.splits:

@@ -38,8 +38,10 @@ The leading-token split (SplitLeadingTokens): the prefill, which starts at posit
 (the first k positions run through the MLP copies with their own encodings); the decode graph is
 derived from the graph without it (`unsplit_leading_tokens`: the rest copy reads every token), so
 every position >= k uses the rest's encodings, the ones stage two calibrated on positions >= k.
-The join keeps its node (a one-piece `cat`), so the residual stream after the MLP has the same
-encoding in both graphs. A prompt must therefore cover the k leading positions (k = 1 by default).
+The rest slice and the join keep their nodes (one-piece `cat`s), so the rest copy's input (which
+stage two gives an encoding of its own, calibrated on positions >= k) and the residual stream
+after the MLP have the same encodings in both graphs; what the leading copies alone read (their
+own 16-bit edges from a shared tensor) is compared apart. A prompt must therefore cover the k leading positions (k = 1 by default).
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ import torch.fx
 
 from quantnpu.errors import GraphStructureError
 from quantnpu.graph.decode import (
-    REST, CachedGraph, _analyze, _classify_constants, _is_observer, derive_decode, derive_prefill, unsplit_leading_tokens,
+    CachedGraph, _analyze, _classify_constants, _is_observer, derive_decode, derive_prefill, unsplit_leading_tokens,
 )
 from quantnpu.graph.meta import TensorQuant, tensor_quant, update_tensor_quant
 from quantnpu.quantizers.encodings import Encoding, EncodingTable
@@ -226,12 +228,15 @@ def _set_cache_encodings(cached: CachedGraph) -> list[_CachePoint]:
 
 # ---- what the quantizer quantized ------------------------------------------------------------
 
-def _quantized(prepared: torch.fx.GraphModule) -> dict[str, set[Encoding]]:
+def _quantized(prepared: torch.fx.GraphModule, leading_only: set[str] = frozenset()) -> tuple[dict[str, set[Encoding]], dict[str, set[Encoding]]]:
     """Every tensor the quantizer put an observer on, by name (parameters by their attribute
-    name), with the encodings it is quantized at (its own and its re-quantizing edges')."""
+    name), with the encodings it is quantized at (its own and its re-quantizing edges'): those
+    read by any node the decode graph also has, and apart, those read only by `leading_only` nodes
+    (the leading-token copies' own edges, e.g. a copy's 16-bit input re-quantizing a shared norm)."""
     from quantnpu.quantizers.observers import EncodingObserver
 
     found: dict[str, set[Encoding]] = {}
+    leading: dict[str, set[Encoding]] = {}
     for node in prepared.graph.nodes:
         if node.op != "call_module":
             continue
@@ -242,8 +247,10 @@ def _quantized(prepared: torch.fx.GraphModule) -> dict[str, set[Encoding]]:
         while tensor.op == "call_module":
             tensor = tensor.args[0]
         name = str(tensor.target) if tensor.op == "get_attr" else tensor.name
-        found.setdefault(name, set()).add(observer.encoding)
-    return found
+        readers = {user.name for user in node.users}
+        kept = leading if readers and readers <= leading_only else found
+        kept.setdefault(name, set()).add(observer.encoding)
+    return found, leading
 
 
 def _source_encodings(fake_quant: torch.fx.GraphModule, masks: set[str]) -> dict[str, set[Encoding]]:
@@ -313,7 +320,8 @@ def _edges_name_their_inputs(gm: torch.fx.GraphModule, canonical: dict[str, str]
                                 input_bits=tuple((renames.get(n, n), b) for n, b in record.input_bits))
 
 
-def _convert(cached: CachedGraph, soc: str, canonical: dict[str, str]) -> tuple[torch.fx.GraphModule, dict[str, set[Encoding]]]:
+def _convert(cached: CachedGraph, soc: str, canonical: dict[str, str], leading_only: set[str]
+             ) -> tuple[torch.fx.GraphModule, dict[str, set[Encoding]], dict[str, set[Encoding]]]:
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     from quantnpu.passes.weights import drop_unused_tensors
@@ -322,24 +330,31 @@ def _convert(cached: CachedGraph, soc: str, canonical: dict[str, str]) -> tuple[
     float_graph = strip_observers(cached.module, in_place=True)  # the derived module: the source keeps its observers
     _edges_name_their_inputs(float_graph, canonical)
     prepared = prepare_pt2e(float_graph, QuantNpuQuantizer(soc))
-    quantized = _quantized(prepared)
+    quantized, leading = _quantized(prepared, leading_only)
     converted = convert_pt2e(prepared)
     drop_unused_tensors(converted)
-    return converted, quantized
+    return converted, quantized, leading
 
 
-def _compare(prefill: dict[str, set[Encoding]], decode: dict[str, set[Encoding]], leading_only: set[str]) -> None:
+def _compare(prefill: dict[str, set[Encoding]], decode: dict[str, set[Encoding]], leading_only: set[str],
+             prefill_leading: dict[str, set[Encoding]] | None = None) -> None:
+    """The two graphs quantize the same tensors at the same encodings, but for what only the
+    prefill's leading-token copies compute or read (`leading_only` nodes; `prefill_leading`: the
+    encodings the prefill gives a tensor only on edges into them)."""
+    prefill_leading = prefill_leading or {}
     for name in prefill:
         if name not in decode and name not in leading_only:
             raise GraphStructureError("quantized in the prefill graph but has no counterpart in the decode graph", name)
     for name in decode:
-        if name not in prefill:
+        if name not in prefill and name not in prefill_leading:
             raise GraphStructureError("quantized in the decode graph but has no counterpart in the prefill graph", name)
         if name in leading_only:
             continue
-        if prefill[name] != decode[name]:
-            raise GraphStructureError(f"quantized at {sorted(e.describe() for e in prefill[name])} in the prefill graph "
-                                      f"and at {sorted(e.describe() for e in decode[name])} in the decode graph", name)
+        if prefill.get(name, set()) != decode[name]:
+            def shown(encodings):
+                return sorted(f"{e.describe()} scale {e.scale[0]:.6g}" for e in encodings)
+            raise GraphStructureError(f"quantized at {shown(prefill.get(name, set()))} in the prefill graph "
+                                      f"and at {shown(decode[name])} in the decode graph", name)
 
 
 def _check_against_source(kind: str, quantized: dict[str, set[Encoding]], canonical: dict[str, str],
@@ -392,19 +407,7 @@ def convert_cached(fake_quant: torch.fx.GraphModule, prefill_tokens: int, cache_
     leading_only = source_names - {n.name for n in unsplit.graph.nodes}
     _, masks, _ = _classify_constants(fake_quant, source)
     allowed = _source_encodings(fake_quant, {n.name for n in masks})
-    if lead:  # the rest's edges, renamed from the rest slice to the tensor it sliced (the same encodings)
-        for name, encodings in _source_encodings(unsplit, {n.name for n in masks}).items():
-            allowed.setdefault(name, set()).update(encodings)
 
-    # the split's rest slice is a view of the whole tensor: its edges count as the whole's, which
-    # the decode graph's rest copy reads
-    rest_slices = {}
-    for node, axes in source.prop.axes.items():
-        if node.target == aten.slice.Tensor and REST in axes.values() and REST not in source.prop.axes[node.args[0]].values():
-            whole = node.args[0]
-            while _is_observer(fake_quant, whole):
-                whole = whole.args[0]
-            rest_slices[node.name] = whole.name
     prefill = derive_prefill(fake_quant, prefill_tokens)
     decode = derive_decode(unsplit, cache_slots, decode_tokens)
     results = {}
@@ -413,13 +416,12 @@ def convert_cached(fake_quant: torch.fx.GraphModule, prefill_tokens: int, cache_
         points = _set_cache_encodings(cached)
         table = _merged_table([cached.module])
         canonical = _canonical(cached, points, {n.name for n in masks})
-        if cached.kind == "prefill":
-            canonical.update(rest_slices)
         cache = {node.name: p.encoding for p in points for node in [p.tensor, *p.path]}
-        converted, quantized = _convert(cached, soc, canonical)
+        converted, quantized, leading = _convert(cached, soc, canonical, leading_only if cached.kind == "prefill" else set())
         by_name = _check_against_source(cached.kind, quantized, canonical, allowed, cache)
-        results[cached.kind] = (converted, by_name, points, table)
-    _compare(results["prefill"][1], results["decode"][1], leading_only)
+        leading_by_name = _check_against_source(cached.kind, leading, canonical, allowed, cache)
+        results[cached.kind] = (converted, by_name, points, table, leading_by_name)
+    _compare(results["prefill"][1], results["decode"][1], leading_only, results["prefill"][4])
 
     points = results["decode"][2]
     prefill_points = results["prefill"][2]
@@ -438,7 +440,7 @@ def convert_cached(fake_quant: torch.fx.GraphModule, prefill_tokens: int, cache_
     if mask_placeholder is not None:
         mask_encoding = next(iter(results["decode"][1].get("attention_mask", {None})))
     merged = {"activations": {}, "params": {}, "edges": {}}
-    for _, _, _, t in results.values():
+    for _, _, _, t, _ in results.values():
         flat_edges = {(reader, name): e for reader, inputs in t.edges.items() for name, e in inputs.items()}
         for key, part in (("activations", t.activations), ("params", t.params), ("edges", flat_edges)):
             for name, value in part.items():
@@ -457,5 +459,5 @@ def convert_cached(fake_quant: torch.fx.GraphModule, prefill_tokens: int, cache_
         k_encodings=tuple(p.encoding for p in points if p.what == "k"),
         v_encodings=tuple(p.encoding for p in points if p.what == "v"),
         mask_encoding=mask_encoding, logits_encoding=logits_record.encoding, leading_tokens=lead, encodings=table,
-        checked={kind: len(r[1]) for kind, r in results.items()},
+        checked={kind: len(r[1]) + len(r[4]) for kind, r in results.items()},
     )
