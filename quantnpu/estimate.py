@@ -80,6 +80,9 @@ _WEIGHT_MIB, _LAYERS = 1021.0, 18
 STAGE_COSTS: dict[str, StageCost] = {
     "passes": StageCost((5538.9 - BASE_MIB) / _WEIGHT_MIB, 296.294 / (_LAYERS * 16), "calibration"),
     "lower": StageCost((7897.8 - BASE_MIB) / _WEIGHT_MIB, 189.289 / _LAYERS, "none"),
+    # --decode lowers two graphs of the model's size, one after another (SmolLM2-135M: 453-512 s for
+    # prefill + decode, ~270 s for the forward alone): twice the seconds, the same peak
+    "lower prefill + decode": StageCost((7897.8 - BASE_MIB) / _WEIGHT_MIB, 2 * 189.289 / _LAYERS, "none"),
     "eval float": StageCost((2470.8 - BASE_MIB) / _WEIGHT_MIB, 3.005 / (_LAYERS * 2), "evaluation"),
     "eval fake-quant": StageCost((8103.1 - BASE_MIB) / _WEIGHT_MIB, 10.728 / (_LAYERS * 2), "evaluation"),
     "eval .pte": StageCost((7516.3 - BASE_MIB) / _WEIGHT_MIB, 91.827 / (_LAYERS * 2), "evaluation"),

@@ -204,6 +204,15 @@ def write_report(record_path: str | Path, output: str | Path | None = None, mode
                 _table(["model", "config", "bits", "rotation", "SoC", "sequence", "QNN delegates", ".pte MiB"],
                        [[record.get("model"), record.get("quant"), record.get("bits", "-"), record.get("rotate"), record.get("soc"),
                          record.get("seq_len"), record.get("delegates"), f"{record.get('pte_bytes', 0) / 2**20:.1f}"]])]
+    decode = record.get("decode")
+    if decode:
+        cache_bits = sorted({c["bits"] for c in decode["k_cache"] + decode["v_cache"]})
+        sections += ["<h2>Prefill + decode</h2>",
+                     _table(["methods", "prefill tokens", "cache slots", "decode tokens", "leading tokens", "cache bits", "EOS ids"],
+                            [[", ".join(decode["methods"]), decode["prefill_tokens"], decode["cache_slots"], decode["decode_tokens"],
+                              decode["leading_tokens"], "/".join(map(str, cache_bits)), ", ".join(map(str, decode["eos_ids"])) or "-"]]),
+                     "<p>Integer I/O: " + html.escape("; ".join(f"{m}: {', '.join(io)}" for m, io in decode.get("quantized_io", {}).items()))
+                     + "</p>"]
     evaluation = record.get("evaluation")
     if evaluation:
         names = {"float_graph": "float (input graph)", "fake_quant": "fake-quant (Q/DQ graph)", "pte_htp_simulator": ".pte on the HTP simulator"}

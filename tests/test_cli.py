@@ -205,6 +205,11 @@ def test_decode_program_end_to_end_and_generate(tmp_path, tiny_pt2):
     assert "stopped after 3 new tokens" in last and "decode" in last and "tokens/s" in last, generated.stderr
     backend_lines = [line for line in (generated.stdout + generated.stderr).splitlines() if "INFO" in line or "[Qnn" in line]
     assert not backend_lines, backend_lines[:5]
+    report = subprocess.run([sys.executable, "-m", "quantnpu", "report", str(output.with_suffix(".json"))],
+                            capture_output=True, text=True, timeout=600)
+    assert report.returncode == 0, report.stderr
+    page = output.with_suffix(".html").read_text()
+    assert "<h2>Prefill + decode</h2>" in page and "k_cache_0 uint8" in page
 
 
 def test_decode_flag_errors(tiny_pt2, tmp_path):

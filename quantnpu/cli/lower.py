@@ -18,7 +18,6 @@ from quantnpu.cli.common import Stages, check_positive
 from quantnpu.errors import QuantNpuError
 
 SMOLLM2_VOCAB = 49152
-DEFAULT_PREFILL_TOKENS = 32
 _RESULT_NAMES = {"float_graph": "float (input graph)", "fake_quant": "fake-quant (Q/DQ)", "pte_htp_simulator": ".pte, HTP simulator"}
 
 
@@ -118,8 +117,9 @@ def add_decode_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--decode", action="store_true",
                        help="write one .pte with methods prefill and decode instead of the fixed-length forward; with --eval "
                             "the .pte's perplexity is measured through them (prefill, then one decode step per token)")
-    group.add_argument("--prefill-tokens", type=int, metavar="P", help="tokens per prefill call (default: the smaller of "
-                       f"{DEFAULT_PREFILL_TOKENS} and the exported length); a longer prompt goes on in decode steps")
+    group.add_argument("--prefill-tokens", type=int, metavar="P", help="tokens per prefill call (default: the cache's "
+                       "slots, so a prompt up to the exported length - 1 and an --eval window take one call; a smaller P "
+                       "costs less for short prompts, a longer prompt goes on in decode steps)")
     group.add_argument("--cache-slots", type=int, metavar="C", help="K/V cache slots per layer (default: the exported length "
                        "- 1, so positions reach the export's last; RoPE tables end there)")
 
@@ -432,7 +432,7 @@ def decode_sizes(job: LowerJob, seq_len: int, path: Path) -> tuple[int, int]:
     if slots + 1 > seq_len:
         raise QuantNpuError(f"{path}: --cache-slots {slots} and one decode token reach position {slots}, beyond the "
                             f"exported {seq_len} positions: at most {seq_len - 1}, or export with a longer --seq-len")
-    prefill = job.prefill_tokens if job.prefill_tokens is not None else min(DEFAULT_PREFILL_TOKENS, slots)
+    prefill = job.prefill_tokens if job.prefill_tokens is not None else slots
     if prefill > slots:
         raise QuantNpuError(f"--prefill-tokens {prefill}: the prefill writes its K/V into the cache of {slots} slots: "
                             f"at most {slots}")
@@ -465,7 +465,7 @@ def estimate(job: LowerJob, loaded: Loaded):
     from quantnpu.estimate import check_fits, estimate_run, model_size
 
     size = model_size(loaded.gm, loaded.vocab, loaded.batch, loaded.seq_len)
-    stages = ["passes"] if job.stop_after else ["passes", "lower"]
+    stages = ["passes"] if job.stop_after else ["passes", "lower prefill + decode" if job.decode else "lower"]
     if job.evaluate and not job.stop_after:
         stages += ["eval float", "eval fake-quant", "eval .pte"]
     guess = estimate_run(size, stages, job.calib_windows, job.eval_windows)
