@@ -74,11 +74,6 @@ class Generation:
     def decode_tokens_per_second(self) -> float:
         return self.decode_steps / self.decode_seconds if self.decode_seconds else float("nan")
 
-    def as_dict(self) -> dict:
-        return {"prompt_tokens": len(self.prompt_tokens), "new_tokens": len(self.tokens), "stop": self.stop,
-                "text": self.text, "prompt_seconds": round(self.prompt_seconds, 3), "decode_seconds": round(self.decode_seconds, 3),
-                "decode_steps": self.decode_steps}
-
 
 def pick_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
     """The next token from one position's logits `[vocab]`."""
