@@ -5,6 +5,8 @@ SEQ := 128
 BITS := 8-8-8
 PT2 := $(BUILD)/smollm2-135m-s$(SEQ).pt2
 PTE := $(BUILD)/smollm2-135m-s$(SEQ).quantnpu-$(BITS).pte
+PROMPT := What is the capital of France?
+NEW_TOKENS := 16
 
 .PHONY: setup run test test-slow bench
 
@@ -13,8 +15,9 @@ setup:
 
 run: setup
 	$(PY) tools/export.py --model smollm2 --seq-len $(SEQ) -o $(PT2)
-	$(PY) tools/lower.py $(PT2) -o $(PTE) --bits $(BITS) --eval
+	$(PY) tools/lower.py $(PT2) -o $(PTE) --bits $(BITS) --eval --decode
 	$(PY) -m quantnpu report $(PTE:.pte=.json)
+	$(PY) -m quantnpu generate $(PTE) --chat --prompt "$(PROMPT)" --max-new-tokens $(NEW_TOKENS)
 
 test: setup
 	$(PY) -m pytest -q
